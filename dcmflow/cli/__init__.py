@@ -1,0 +1,35 @@
+"""The ``dcmflow`` command line: one Typer app joined from one module per command group."""
+
+from __future__ import annotations
+
+import typer
+
+from dcmflow import __version__
+
+app = typer.Typer(
+    name="dcmflow",
+    help="Receive DICOM, keep it safely, and run processing services on every series as Prefect flows.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@app.callback()
+def _root() -> None:
+    """Receive DICOM, keep it safely, and run processing services on every series as Prefect flows.
+
+    Configuration comes from DCMFLOW_* environment variables (see the README); with none set,
+    everything lives under ./.dcmflow (SQLite database, local object store, spool).
+    """
+
+
+@app.command()
+def version() -> None:
+    """Print the dcmflow version."""
+    typer.echo(__version__)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,70 @@
+"""The one settings class of dcmflow (environment variables ``DCMFLOW_*``).
+
+Settings are built only at entry points (a CLI command, the receiver's main, a flow body)
+and passed on as arguments; nothing else in the code base reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings"]
+
+DEFAULT_HOME = Path(".dcmflow")
+DEFAULT_AE_TITLE = "DCMFLOW"
+DEFAULT_DICOM_PORT = 11112
+DEFAULT_STABLE_AGE = 60.0
+DEFAULT_BUCKET = "dcmflow"
+
+
+class Settings(BaseSettings):
+    """dcmflow configuration, read from ``DCMFLOW_*`` environment variables.
+
+    With nothing set, everything lives under ``DCMFLOW_HOME`` (``./.dcmflow``): a SQLite
+    database, a local object store, the receive spool and installed services.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="DCMFLOW_", extra="ignore")
+
+    home: Path = Field(DEFAULT_HOME, description="Folder for the embedded defaults (database, objects, spool, services).")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL of the records database; unset = SQLite file in DCMFLOW_HOME."
+    )
+    s3_endpoint: str | None = Field(
+        None, description="host:port of MinIO/S3; unset = local object store in DCMFLOW_HOME/objects."
+    )
+    s3_access_key: str | None = Field(None, description="S3 access key.")
+    s3_secret_key: SecretStr | None = Field(None, description="S3 secret key.")
+    s3_bucket: str = Field(DEFAULT_BUCKET, description="Bucket holding every dcmflow object (created if missing).")
+    s3_secure: bool = Field(False, description="Use HTTPS to reach the S3 endpoint.")
+    s3_region: str | None = Field(None, description="S3 region, if the endpoint needs one.")
+    ae_title: str = Field(DEFAULT_AE_TITLE, description="Our DICOM Application Entity title.")
+    dicom_port: int = Field(DEFAULT_DICOM_PORT, description="TCP port of the DICOM receiver.")
+    stable_age: float = Field(
+        DEFAULT_STABLE_AGE, description="Seconds of quiet after which a series counts as stable."
+    )
+
+    @property
+    def effective_database_url(self) -> str:
+        """The database URL to use: ``database_url`` or the SQLite file under ``home``."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.home / 'dcmflow.db').resolve()}"
+
+    @property
+    def objects_dir(self) -> Path:
+        """Root of the local object store (used when no S3 endpoint is set)."""
+        return self.home / "objects"
+
+    @property
+    def spool_dir(self) -> Path:
+        """Where the receiver spools raw instances before ingest."""
+        return self.home / "spool"
+
+    @property
+    def services_dir(self) -> Path:
+        """Where installed services are copied."""
+        return self.home / "services"

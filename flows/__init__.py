@@ -1,0 +1,1 @@
+"""dcmflow flows (see DESIGN.md)."""

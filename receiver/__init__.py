@@ -1,0 +1,1 @@
+"""dcmflow receiver (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""dcmflow services_registry (see DESIGN.md)."""

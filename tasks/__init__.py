@@ -1,0 +1,1 @@
+"""dcmflow tasks (see DESIGN.md)."""

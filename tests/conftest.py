@@ -1,0 +1,105 @@
+"""Session-wide real servers for the tests.
+
+* An S3 endpoint: moto's threaded server on loopback (a real HTTP S3 API, spoken to through
+  the same ``minio`` client code as production), or a real MinIO when
+  ``DCMFLOW_TEST_S3_ENDPOINT`` (plus ``_ACCESS_KEY``, ``_SECRET_KEY``, ``_SECURE``) is set.
+* PostgreSQL on 127.0.0.1:5432 (``DCMFLOW_TEST_POSTGRES_URL`` to point elsewhere): every
+  test session gets a fresh database that is dropped at the end. When the server is not
+  reachable the PostgreSQL tests are skipped, unless ``DCMFLOW_TEST_REQUIRE_POSTGRES=1``
+  (set by CI), which turns that into a failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+# Read the test configuration once, before the autouse fixture strips DCMFLOW_* variables.
+_ENV = {k: v for k, v in os.environ.items() if k.startswith("DCMFLOW_TEST_")}
+_PG_ADMIN_URL = _ENV.get("DCMFLOW_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+_REQUIRE_PG = _ENV.get("DCMFLOW_TEST_REQUIRE_POSTGRES", "") == "1"
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+@pytest.fixture(autouse=True)
+def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test starts with no DCMFLOW_* variable set (as httpx's ``clean_environ``)."""
+    for key in list(os.environ):
+        if key.startswith("DCMFLOW_"):
+            monkeypatch.delenv(key)
+
+
+@dataclass(frozen=True)
+class S3Endpoint:
+    """Where the test S3 endpoint listens and how to log in."""
+
+    endpoint: str
+    access_key: str
+    secret_key: str
+    secure: bool
+    kind: str  # "moto" or "external"
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[S3Endpoint]:
+    """A real S3 API on loopback for the whole session."""
+    if "DCMFLOW_TEST_S3_ENDPOINT" in _ENV:
+        yield S3Endpoint(
+            endpoint=_ENV["DCMFLOW_TEST_S3_ENDPOINT"],
+            access_key=_ENV.get("DCMFLOW_TEST_S3_ACCESS_KEY", "minioadmin"),
+            secret_key=_ENV.get("DCMFLOW_TEST_S3_SECRET_KEY", "minioadmin"),
+            secure=_ENV.get("DCMFLOW_TEST_S3_SECURE", "") in {"1", "true", "yes"},
+            kind="external",
+        )
+        return
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield S3Endpoint(f"{host}:{port}", "testing", "testing", False, "moto")
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket_name() -> str:
+    """A fresh bucket name per test, so tests never see each other's objects."""
+    return f"dcmflow-test-{uuid.uuid4().hex[:12]}"
+
+
+def _pg_admin_connect():  # type: ignore[no-untyped-def]
+    import psycopg
+
+    return psycopg.connect(_PG_ADMIN_URL, autocommit=True, connect_timeout=3)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """SQLAlchemy URL of a fresh PostgreSQL database for this session (dropped afterwards)."""
+    import psycopg
+
+    try:
+        admin = _pg_admin_connect()
+    except psycopg.OperationalError as exc:
+        if _REQUIRE_PG:
+            pytest.fail(f"PostgreSQL is required (DCMFLOW_TEST_REQUIRE_POSTGRES=1) but unreachable: {exc}")
+        pytest.skip(f"PostgreSQL not reachable at {_PG_ADMIN_URL}: {exc}")
+    name = f"dcmflow_test_{uuid.uuid4().hex[:10]}"
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    base = _PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with _pg_admin_connect() as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
