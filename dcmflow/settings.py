@@ -41,10 +41,17 @@ class Settings(BaseSettings):
     s3_bucket: str = Field(DEFAULT_BUCKET, description="Bucket holding every dcmflow object (created if missing).")
     s3_secure: bool = Field(False, description="Use HTTPS to reach the S3 endpoint.")
     s3_region: str | None = Field(None, description="S3 region, if the endpoint needs one.")
-    ae_title: str = Field(DEFAULT_AE_TITLE, description="Our DICOM Application Entity title.")
-    dicom_port: int = Field(DEFAULT_DICOM_PORT, description="TCP port of the DICOM receiver.")
+    # PS3.5 §6.2 (AE VR): 1-16 characters of the default repertoire, no backslash or control chars.
+    ae_title: str = Field(
+        DEFAULT_AE_TITLE,
+        min_length=1,
+        max_length=16,
+        pattern=r"^[ -\[\]-~]*[!-\[\]-~][ -\[\]-~]*$",
+        description="Our DICOM Application Entity title (1-16 characters, no backslash).",
+    )
+    dicom_port: int = Field(DEFAULT_DICOM_PORT, ge=1, le=65535, description="TCP port of the DICOM receiver.")
     stable_age: float = Field(
-        DEFAULT_STABLE_AGE, description="Seconds of quiet after which a series counts as stable."
+        DEFAULT_STABLE_AGE, ge=0, description="Seconds of quiet after which a series counts as stable."
     )
 
     @property

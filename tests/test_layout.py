@@ -1,0 +1,86 @@
+"""The folder map of DESIGN.md, checked: who may import whom, and who may read the environment."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ["dcmflow", "flows", "tasks", "services_registry", "storage", "receiver"]
+
+# DESIGN.md: dcmflow → flows → tasks → services_registry, storage; receiver → storage.
+ALLOWED = {
+    "storage": set(),
+    "services_registry": {"storage"},
+    "receiver": {"storage"},
+    "tasks": {"services_registry", "storage"},
+    "flows": {"tasks", "services_registry", "storage"},
+    "dcmflow": {"flows", "tasks", "services_registry", "storage", "receiver"},
+}
+PREFECT_ALLOWED = {"flows", "tasks", "dcmflow"}  # plus receiver's event emitter, see below
+
+
+def _modules(package: str) -> list[Path]:
+    return [p for p in (ROOT / package).rglob("*.py") if "examples" not in p.parts]
+
+
+def _imported_tops(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    tops: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            tops.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            tops.add(node.module.split(".")[0])
+    return tops
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_dependencies_point_one_way(package: str) -> None:
+    offenders = []
+    for path in _modules(package):
+        for top in _imported_tops(path):
+            if top in ALLOWED and top != package and top not in ALLOWED[package]:
+                offenders.append(f"{path.relative_to(ROOT)} imports {top}")
+    assert not offenders, offenders
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_prefect_is_imported_only_where_allowed(package: str) -> None:
+    offenders = []
+    for path in _modules(package):
+        if "prefect" not in _imported_tops(path):
+            continue
+        if package in PREFECT_ALLOWED or (package == "receiver" and path.name == "events.py"):
+            continue
+        offenders.append(str(path.relative_to(ROOT)))
+    assert not offenders, offenders
+
+
+def test_only_settings_reads_the_environment() -> None:
+    """Settings are built at entry points and passed on (STYLE.md §5)."""
+    offenders = []
+    for package in PACKAGES:
+        for path in _modules(package):
+            if path == ROOT / "dcmflow" / "settings.py":
+                continue
+            tree = ast.parse(path.read_text())
+            for node in ast.walk(tree):
+                # os.getenv(...) / os.environ[...] / os.environ.get(...); building a child
+                # process environment from os.environ.copy() is allowed.
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                    f = node.func
+                    if isinstance(f.value, ast.Name) and f.value.id == "os" and f.attr == "getenv":
+                        offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+                    if (
+                        isinstance(f.value, ast.Attribute)
+                        and f.value.attr == "environ"
+                        and f.attr in {"get", "setdefault", "pop"}
+                    ):
+                        offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+                if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Attribute):
+                    if node.value.attr == "environ" and isinstance(node.ctx, ast.Load):
+                        offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not offenders, offenders
