@@ -7,6 +7,9 @@
     ├── ObjectExistsError            put-if-absent found the key already written
     ├── ObjectNotFoundError          get/range/stat of a key that does not exist
     ├── ObjectStoreUnavailableError  the object store cannot be reached (network, auth, disk)
+    ├── ObjectRangeError             a ranged read outside the object (also a ValueError)
+    ├── ArchiveError                 a series archive is inconsistent (bad index, hash mismatch)
+    │   └── ForeignInstanceError     an instance does not belong to the archive's series
     └── RecordError                  a database operation failed or was refused
         └── ClaimConflictError       a row expected to be claimable was taken by someone else
 """
@@ -19,6 +22,9 @@ __all__ = [
     "ObjectExistsError",
     "ObjectNotFoundError",
     "ObjectStoreUnavailableError",
+    "ObjectRangeError",
+    "ArchiveError",
+    "ForeignInstanceError",
     "RecordError",
     "ClaimConflictError",
 ]
@@ -53,6 +59,18 @@ class ObjectNotFoundError(StorageError, KeyError):
 
 class ObjectStoreUnavailableError(StorageError):
     """The object store could not be reached or refused our credentials."""
+
+
+class ObjectRangeError(StorageError, ValueError):
+    """A ranged read asked for bytes the object does not have (or a negative range)."""
+
+
+class ArchiveError(StorageError):
+    """A series archive is inconsistent: unreadable index, hash mismatch, orphan part."""
+
+
+class ForeignInstanceError(ArchiveError, ValueError):
+    """An instance was offered to the archive of another study or series; nothing was written."""
 
 
 class RecordError(StorageError):

@@ -1,0 +1,231 @@
+"""The local object store: plain files under one folder, one file per key.
+
+Used by the embedded single-machine setup (``DCMFLOW_HOME/objects``) and by tests. The key
+``a/b/c.dcm`` is the file ``root/a/b/c.dcm``, so an operator can inspect objects with ``ls``.
+
+Durability and atomicity come from the classic POSIX recipe: write a temporary file in the
+target's own folder, ``fsync`` it, then move it into place (``os.replace`` for an overwrite,
+``os.link`` for create-if-absent, which fails with ``EEXIST`` when the name exists), then
+``fsync`` the folder so the new name survives a power cut. Temporary names start with ``.``,
+which :func:`storage.keys.validate_key` refuses, so they can never collide with a key and are
+never listed.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import BinaryIO
+
+from storage.errors import ObjectExistsError, ObjectNotFoundError, ObjectStoreUnavailableError, StorageError
+from storage.objects import ObjectInfo, ObjectStore, PutResult, _HashingReader
+
+__all__ = ["LocalObjectStore"]
+
+_TMP_PREFIX = ".tmp-"
+_CHUNK = 1024 * 1024
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename/link in ``path`` durable (no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalObjectStore(ObjectStore):
+    """Objects as files under ``root``.
+
+    Parameters
+    ----------
+    root : Path
+        Folder holding the objects; created (with parents) if missing.
+
+    Notes
+    -----
+    Empty folders left behind by :meth:`delete` are not pruned: removing them could race with
+    a concurrent :meth:`put` into the same folder, and they cost nothing (they are never
+    listed).
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).absolute()
+        self.location = str(self.root)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ObjectStoreUnavailableError(f"local object store {self.root} cannot be created: {exc}") from exc
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _path(self, key: str) -> Path:
+        return self.root.joinpath(*key.split("/"))
+
+    def _unavailable(self, key: str, exc: OSError) -> ObjectStoreUnavailableError:
+        return ObjectStoreUnavailableError(f"local object store {self.root}: {key}: {exc.strerror or exc}")
+
+    def _write_temp(self, key: str, reader: _HashingReader) -> tuple[Path, Path]:
+        """Stream ``reader`` into a fsynced temporary file beside the target; return both paths."""
+        final = self._path(key)
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError) as exc:
+            raise StorageError(f"cannot store {key}: a parent of it is an object") from exc
+        tmp = final.parent / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
+        try:
+            with open(tmp, "xb") as out:
+                while chunk := reader.read(_CHUNK):
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return tmp, final
+
+    def _info(self, key: str, st: os.stat_result) -> ObjectInfo:
+        return ObjectInfo(
+            key=key,
+            size=st.st_size,
+            etag=f"{st.st_mtime_ns:x}-{st.st_size:x}",
+            last_modified=datetime.fromtimestamp(st.st_mtime_ns / 1e9, tz=UTC),
+        )
+
+    # -- hooks ------------------------------------------------------------------------------
+
+    def _put(self, key: str, reader: _HashingReader, length: int | None, content_type: str) -> PutResult:
+        try:
+            tmp, final = self._write_temp(key, reader)
+            if length is not None and reader.size != length:
+                tmp.unlink(missing_ok=True)
+                raise ValueError(f"stream ended after {reader.size} of {length} bytes for {key}")
+            try:
+                os.replace(tmp, final)
+            except IsADirectoryError as exc:
+                tmp.unlink(missing_ok=True)
+                raise StorageError(f"cannot store {key}: it is a prefix of other objects") from exc
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            raise self._unavailable(key, exc) from exc
+        return PutResult(key, reader.size, reader.sha256.hexdigest())
+
+    def _put_if_absent(self, key: str, reader: _HashingReader, length: int | None) -> PutResult:
+        try:
+            tmp, final = self._write_temp(key, reader)
+            try:
+                if length is not None and reader.size != length:
+                    raise ValueError(f"stream ended after {reader.size} of {length} bytes for {key}")
+                # link() is atomic and refuses an existing name: the local If-None-Match.
+                os.link(tmp, final)
+            except FileExistsError as exc:
+                raise ObjectExistsError(key) from exc
+            finally:
+                tmp.unlink(missing_ok=True)
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            raise self._unavailable(key, exc) from exc
+        return PutResult(key, reader.size, reader.sha256.hexdigest())
+
+    def _delete(self, key: str) -> None:
+        try:
+            self._path(key).unlink()
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        except IsADirectoryError:
+            return  # a prefix, not an object: nothing stored under exactly this key
+        except OSError as exc:
+            raise self._unavailable(key, exc) from exc
+
+    def _open(self, key: str) -> BinaryIO:
+        path = self._path(key)
+        try:
+            return open(path, "rb")
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
+            raise ObjectNotFoundError(key) from exc
+        except OSError as exc:
+            raise self._unavailable(key, exc) from exc
+
+    def _get(self, key: str) -> bytes:
+        with self._open(key) as f:
+            try:
+                return f.read()
+            except OSError as exc:
+                raise self._unavailable(key, exc) from exc
+
+    def _get_range(self, key: str, offset: int, length: int) -> bytes:
+        with self._open(key) as f:
+            try:
+                return os.pread(f.fileno(), length, offset)
+            except OSError as exc:
+                raise self._unavailable(key, exc) from exc
+
+    def _open_stream(self, key: str) -> BinaryIO:
+        return self._open(key)
+
+    def _exists(self, key: str) -> bool:
+        try:
+            return self._path(key).is_file()
+        except OSError as exc:  # pragma: no cover - permission problems on a parent
+            raise self._unavailable(key, exc) from exc
+
+    def _stat(self, key: str) -> ObjectInfo:
+        path = self._path(key)
+        try:
+            st = path.stat()
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            raise ObjectNotFoundError(key) from exc
+        except OSError as exc:
+            raise self._unavailable(key, exc) from exc
+        if not path.is_file():
+            raise ObjectNotFoundError(key)
+        return self._info(key, st)
+
+    def _list(self, prefix: str) -> Iterator[ObjectInfo]:
+        # Walk only the deepest folder the prefix names completely, then filter by the
+        # partial last segment; sort the keys, since directory order is arbitrary.
+        head = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        start = self._path(head) if head else self.root
+        found: list[tuple[str, os.stat_result]] = []
+
+        def onerror(exc: OSError) -> None:
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+                raise self._unavailable(prefix, exc)
+
+        for dirpath, dirnames, filenames in os.walk(start, onerror=onerror):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            rel = Path(dirpath).relative_to(self.root).as_posix()
+            base = "" if rel == "." else rel + "/"
+            for name in filenames:
+                if name.startswith("."):
+                    continue  # temporary files and anything that is not a valid key
+                key = base + name
+                if not key.startswith(prefix):
+                    continue
+                try:
+                    st = os.stat(os.path.join(dirpath, name))
+                except FileNotFoundError:
+                    continue  # deleted while we walked
+                found.append((key, st))
+        found.sort(key=lambda item: item[0])
+        for key, st in found:
+            yield self._info(key, st)
+
+    def check(self) -> None:
+        """Verify the folder exists and is writable.
+
+        Raises
+        ------
+        ObjectStoreUnavailableError
+            If it is not.
+        """
+        if not self.root.is_dir() or not os.access(self.root, os.W_OK | os.X_OK):
+            raise ObjectStoreUnavailableError(f"local object store {self.root} is missing or not writable")
