@@ -1,0 +1,383 @@
+"""The crash-safe receive spool: acknowledged instances live here until ingest has stored them.
+
+The C-STORE handler writes the raw PS3.10 bytes it received (``event.encoded_dataset()``, never
+decoded and re-encoded) here and answers Success only after the bytes and their name are on disk.
+Ingest workers (:mod:`receiver.ingest`) take files in arrival order, store and record them, and
+delete them only afterwards; so at every moment an acknowledged instance is in the spool, in
+the object store and database, or both.
+
+Layout under ``Settings.spool_dir``::
+
+    .lock      flock()ed by the one receiving process (two receivers on one spool is an error)
+    tmp/       files being written; never acknowledged, so deleted on start (:meth:`Spool.recover`)
+    ready/     durable, acknowledged instances waiting for ingest
+    rejected/  files ingest could not use (kept for a person, with a ``.reason`` text beside)
+
+Writing one instance (:meth:`Spool.write`): write ``tmp/<unique>.part`` → ``fsync`` the file →
+``rename`` into ``ready/`` (atomic within one file system, which is why ``tmp/`` is a sibling) →
+``fsync`` the ``ready/`` folder so the new name survives a power cut. Only then does the caller
+answer Success.
+
+What ingest needs besides the bytes travels in the file name, so no database and no sidecar
+file is involved (one file = one atomic rename)::
+
+    {receive_ns:019d}-{pid:07d}-{seq:010d}_{association_id}_{calling_ae_hex}_{sop_uid}.dcm
+
+* ``receive_ns`` (wall clock, ns since the epoch), ``pid`` and a per-process counter make the
+  name unique and make lexical order = arrival order;
+* ``association_id`` is 32 lower-case hex digits (a UUID) chosen by the receiver;
+* ``calling_ae_hex`` is the calling AE title as hex of its ASCII bytes (an AE title may hold
+  spaces and punctuation, PS3.5 §6.2, that do not belong in a file name);
+* ``sop_uid`` is the request's Affected SOP Instance UID, validated as a UID (PS3.5 §9.1)
+  before the name is built, so nothing from the wire can add a ``/`` or ``..``.
+
+Disk watermark: :meth:`Spool.write` refuses (:class:`~receiver.errors.SpoolFullError`, which
+the handler answers with 0xA700 Out of Resources) when writing would leave less than
+``min_free_bytes`` free, or less than ``min_free_fraction`` of the file system.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import itertools
+import logging
+import os
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from receiver.errors import SpoolError, SpoolFullError, SpoolLockedError
+from storage.keys import is_valid_uid
+
+__all__ = [
+    "Spool",
+    "SpoolEntry",
+    "DEFAULT_MIN_FREE_BYTES",
+    "DEFAULT_MIN_FREE_FRACTION",
+    "new_association_id",
+]
+
+DEFAULT_MIN_FREE_BYTES = 1024**3
+"""Refuse new instances when less than this many bytes would stay free (default 1 GiB)."""
+
+DEFAULT_MIN_FREE_FRACTION = 0.02
+"""Refuse new instances when less than this fraction of the spool file system would stay free (2 %)."""
+
+_SUFFIX = ".dcm"
+_PART = ".part"
+_READY = "ready"
+_TMP = "tmp"
+_REJECTED = "rejected"
+_LOCK = ".lock"
+_AE_MAX_HEX = 32  # AE titles are at most 16 characters (PS3.5 §6.2)
+
+log = logging.getLogger(__name__)
+
+
+def new_association_id() -> str:
+    """A fresh association id: 32 lower-case hex digits (the spool's file-name field)."""
+    return uuid.uuid4().hex
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class SpoolEntry:
+    """One acknowledged instance waiting in ``ready/``.
+
+    Attributes
+    ----------
+    path : Path
+        The file (raw PS3.10 bytes exactly as received).
+    received_at : datetime.datetime
+        When the handler wrote it (UTC).
+    association_id : str
+        Receiver-chosen id of the association that delivered it (32 hex digits).
+    calling_ae : str
+        The sender's AE title, as sent (``""`` for folder imports).
+    sop_uid : str
+        The request's Affected SOP Instance UID (validated).
+    """
+
+    path: Path
+    received_at: dt.datetime
+    association_id: str
+    calling_ae: str
+    sop_uid: str
+
+    @property
+    def name(self) -> str:
+        """The file name (sorts in arrival order)."""
+        return self.path.name
+
+    @classmethod
+    def parse(cls, path: Path) -> SpoolEntry | None:
+        """Decode a ``ready/`` file name; ``None`` when it is not one of ours."""
+        name = path.name
+        if not name.endswith(_SUFFIX):
+            return None
+        parts = name[: -len(_SUFFIX)].split("_")
+        if len(parts) != 4:
+            return None
+        stamp, assoc, ae_hex, sop = parts
+        try:
+            ns = int(stamp.split("-", 1)[0])
+            calling_ae = bytes.fromhex(ae_hex).decode("ascii")
+        except ValueError:
+            return None
+        if not is_valid_uid(sop) or len(assoc) != 32:
+            return None
+        received = dt.datetime.fromtimestamp(ns / 1e9, tz=dt.UTC)
+        return cls(path=path, received_at=received, association_id=assoc, calling_ae=calling_ae, sop_uid=sop)
+
+
+class Spool:
+    """The receive spool folder (see the module docstring for the layout and guarantees).
+
+    Parameters
+    ----------
+    root : Path
+        The spool folder (``Settings.spool_dir``); created with its sub-folders if missing.
+    min_free_bytes : int
+        Watermark in bytes: :meth:`write` refuses when fewer would stay free.
+    min_free_fraction : float
+        Watermark as a fraction (0-1) of the file system size.
+
+    Raises
+    ------
+    SpoolError
+        If the folder cannot be created.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        min_free_bytes: int = DEFAULT_MIN_FREE_BYTES,
+        min_free_fraction: float = DEFAULT_MIN_FREE_FRACTION,
+    ) -> None:
+        if min_free_bytes < 0 or not 0 <= min_free_fraction < 1:
+            raise ValueError("min_free_bytes must be >= 0 and min_free_fraction in [0, 1)")
+        self.root = Path(root)
+        self.ready_dir = self.root / _READY
+        self.tmp_dir = self.root / _TMP
+        self.rejected_dir = self.root / _REJECTED
+        self.min_free_bytes = min_free_bytes
+        self.min_free_fraction = min_free_fraction
+        try:
+            for folder in (self.ready_dir, self.tmp_dir, self.rejected_dir):
+                folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SpoolError(f"cannot create spool folder {self.root}: {exc}") from exc
+        self._pid = os.getpid()
+        self._seq = itertools.count()
+        self._seq_lock = threading.Lock()
+        self._lock_fd: int | None = None
+
+    def __repr__(self) -> str:
+        return f"Spool({str(self.root)!r})"
+
+    # -- receiving side ---------------------------------------------------------------------
+
+    def lock(self) -> None:
+        """Take the spool's exclusive lock for this process (one receiver per spool).
+
+        Raises
+        ------
+        SpoolLockedError
+            If another process holds it.
+        """
+        if self._lock_fd is not None:
+            return
+        fd = os.open(self.root / _LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            os.close(fd)
+            raise SpoolLockedError(f"spool {self.root} is in use by another receiver") from exc
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        """Release the lock taken by :meth:`lock` (also released when the process dies)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def recover(self) -> tuple[int, int]:
+        """Prepare for receiving after a start or a crash.
+
+        Deletes leftover ``tmp/`` files (they were never acknowledged: the handler answers only
+        after the rename) and counts the ``ready/`` files, which ingest will replay. Call it
+        after :meth:`lock`, before the SCP starts.
+
+        Returns
+        -------
+        (deleted_tmp, pending_ready) : tuple of int
+        """
+        deleted = 0
+        for path in self.tmp_dir.iterdir():
+            path.unlink(missing_ok=True)
+            deleted += 1
+        if deleted:
+            _fsync_dir(self.tmp_dir)
+        pending = sum(1 for _ in self._ready_names())
+        return deleted, pending
+
+    def free_bytes(self) -> tuple[int, int]:
+        """``(free, total)`` bytes of the spool's file system, as seen by an unprivileged user."""
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+
+    def has_room(self, incoming: int = 0) -> bool:
+        """True when writing ``incoming`` more bytes keeps free space above both watermarks."""
+        free, total = self.free_bytes()
+        left = free - incoming
+        return left >= self.min_free_bytes and (total == 0 or left >= self.min_free_fraction * total)
+
+    def write(
+        self,
+        data: bytes,
+        *,
+        sop_uid: str,
+        association_id: str,
+        calling_ae: str,
+        received_ns: int | None = None,
+    ) -> SpoolEntry:
+        """Durably store one received instance in ``ready/``.
+
+        Parameters
+        ----------
+        data : bytes
+            The raw PS3.10 file bytes (preamble, file meta, dataset as received).
+        sop_uid : str
+            Affected SOP Instance UID of the request; must be a valid UID.
+        association_id : str
+            32 hex digits (:func:`new_association_id`).
+        calling_ae : str
+            Calling AE title (at most 16 ASCII characters; longer is cut).
+        received_ns : int, optional
+            Receive time in ns since the epoch; now when omitted.
+
+        Returns
+        -------
+        SpoolEntry
+            What ingest will see. When this returns, file and name are fsynced.
+
+        Raises
+        ------
+        SpoolFullError
+            If the disk watermark would be crossed; nothing was written.
+        ValueError
+            If ``sop_uid`` or ``association_id`` is malformed.
+        OSError
+            If the disk write fails (the temporary file is removed).
+        """
+        if not is_valid_uid(sop_uid):
+            raise ValueError(f"invalid SOP Instance UID {sop_uid!r}")
+        if len(association_id) != 32 or not all(c in "0123456789abcdef" for c in association_id):
+            raise ValueError(f"invalid association id {association_id!r}")
+        if not self.has_room(len(data)):
+            free, _ = self.free_bytes()
+            raise SpoolFullError(f"spool {self.root} below its watermark ({free} bytes free)")
+        ns = time.time_ns() if received_ns is None else received_ns
+        with self._seq_lock:
+            seq = next(self._seq)
+        ae_hex = calling_ae.strip().encode("ascii", "replace")[:16].hex()[:_AE_MAX_HEX]
+        name = f"{ns:019d}-{self._pid:07d}-{seq:010d}_{association_id}_{ae_hex}_{sop_uid}{_SUFFIX}"
+        tmp = self.tmp_dir / f"{name}{_PART}"
+        final = self.ready_dir / name
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(self.ready_dir)
+        return SpoolEntry(
+            path=final,
+            received_at=dt.datetime.fromtimestamp(ns / 1e9, tz=dt.UTC),
+            association_id=association_id,
+            calling_ae=calling_ae.strip(),
+            sop_uid=sop_uid,
+        )
+
+    # -- ingest side ------------------------------------------------------------------------
+
+    def _ready_names(self) -> Iterator[str]:
+        with os.scandir(self.ready_dir) as it:
+            for item in it:
+                if item.name.endswith(_SUFFIX):
+                    yield item.name
+
+    def pending(self, limit: int | None = None, *, worker_index: int = 0, worker_count: int = 1) -> list[SpoolEntry]:
+        """The waiting instances of one ingest worker, oldest first.
+
+        Files are split among ``worker_count`` workers by a hash of the SOP Instance UID, so
+        all versions of one SOP go through the same worker, in arrival order.
+
+        Parameters
+        ----------
+        limit : int, optional
+            At most this many entries.
+        worker_index, worker_count : int
+            This worker's share (``0 <= worker_index < worker_count``).
+
+        Returns
+        -------
+        list of SpoolEntry
+        """
+        names = sorted(self._ready_names())
+        out: list[SpoolEntry] = []
+        for name in names:
+            entry = SpoolEntry.parse(self.ready_dir / name)
+            if entry is None:
+                self._reject_path(self.ready_dir / name, "file name is not a spool entry")
+                continue
+            if worker_count > 1 and zlib.crc32(entry.sop_uid.encode()) % worker_count != worker_index:
+                continue
+            out.append(entry)
+            if limit is not None and len(out) >= limit:
+                break
+        return out
+
+    def count(self) -> int:
+        """Number of files waiting in ``ready/``."""
+        return sum(1 for _ in self._ready_names())
+
+    def remove(self, entries: Iterable[SpoolEntry]) -> None:
+        """Delete ingested entries (a deletion lost in a crash only causes a harmless replay)."""
+        for entry in entries:
+            entry.path.unlink(missing_ok=True)
+
+    def reject(self, entry: SpoolEntry, reason: str) -> Path:
+        """Move an entry ingest cannot use to ``rejected/`` with a ``.reason`` file; never delete it."""
+        return self._reject_path(entry.path, reason)
+
+    def _reject_path(self, path: Path, reason: str) -> Path:
+        target = self.rejected_dir / path.name
+        (self.rejected_dir / f"{path.name}.reason").write_text(reason + "\n", encoding="utf-8")
+        os.replace(path, target)
+        _fsync_dir(self.rejected_dir)
+        log.warning("spool: rejected %s: %s", path.name, reason)
+        return target
