@@ -1,0 +1,207 @@
+"""pynetdicom event handlers of the receiver: one ``handle_<event>(event, *deps)`` per event.
+
+Handlers are plain functions; :mod:`receiver.scp` binds them as ``(evt.EVT_X, handler, [deps])``
+tuples, so every dependency arrives as an argument and nothing lives in module globals.
+
+* :func:`handle_store` (intervention, EVT_C_STORE) checks the request cheaply, writes the raw
+  bytes durably to the spool and answers; it never raises (a handler that raises yields only
+  0xC211 in pynetdicom) and never decodes more than the few header elements it checks.
+* :func:`handle_echo` (EVT_C_ECHO) answers Success (PS3.7 §9.1.5 Verification).
+* :func:`handle_requested` (notification, EVT_REQUESTED) applies the caller policy and sends
+  A-ASSOCIATE-RJ (PS3.8 §7.1.1.9) to callers that may not send.
+* :func:`handle_established`, :func:`handle_closed` (notifications) only record facts for the
+  completeness monitor; their errors are logged and swallowed.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+import zlib
+from typing import TYPE_CHECKING
+
+from pydicom.filereader import read_dataset
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+
+from receiver import status
+from receiver.errors import InvalidInstanceError, SpoolFullError
+from storage.keys import is_valid_uid
+
+if TYPE_CHECKING:
+    from pynetdicom.events import Event
+
+    from receiver.associations import AssociationTracker, CallerPolicy
+    from receiver.spool import Spool
+
+__all__ = [
+    "check_dataset",
+    "handle_store",
+    "handle_echo",
+    "handle_requested",
+    "handle_established",
+    "handle_closed",
+]
+
+log = logging.getLogger("receiver")
+
+_STUDY_UID = 0x0020000D
+_SERIES_UID = 0x0020000E
+_SOP_UID = 0x00080018
+
+
+def _stop_after_series_uid(tag: int, vr: str | None, length: int) -> bool:
+    # Tags are stored in ascending order (PS3.5 §7.1), so nothing we need follows (0020,000E).
+    return tag > _SERIES_UID
+
+
+def check_dataset(dataset: bytes, transfer_syntax: str, affected_sop_uid: str) -> tuple[str, str, str]:
+    """Check that a received dataset carries usable identifying UIDs, reading only its start.
+
+    The elements are read up to (0020,000E) only, which is enough for the three UIDs that
+    build the object key (PS3.3 C.7.2.1 Study, C.7.3.1 Series, C.12.1 SOP Common).
+
+    Parameters
+    ----------
+    dataset : bytes
+        The encoded dataset as received (no file meta), in ``transfer_syntax``.
+    transfer_syntax : str
+        Transfer syntax UID of the presentation context it arrived on.
+    affected_sop_uid : str
+        The C-STORE request's Affected SOP Instance UID (PS3.7 §9.1.1.1).
+
+    Returns
+    -------
+    (study_uid, series_uid, sop_uid) : tuple of str
+
+    Raises
+    ------
+    InvalidInstanceError
+        With ``status`` 0xC000 (Cannot understand) when the dataset does not parse, or 0xA900
+        (Data Set does not match SOP Class) when a UID is missing, is not a UID (PS3.5 §9.1),
+        or the SOP Instance UID differs from the request's.
+    """
+    ts = UID(transfer_syntax)
+    try:
+        raw = dataset
+        if ts == DeflatedExplicitVRLittleEndian:  # PS3.5 A.5: raw deflate of the dataset
+            raw = zlib.decompressobj(-zlib.MAX_WBITS).decompress(dataset)
+        ds = read_dataset(io.BytesIO(raw), ts.is_implicit_VR, ts.is_little_endian, stop_when=_stop_after_series_uid)
+        values = [ds.get(tag) for tag in (_STUDY_UID, _SERIES_UID, _SOP_UID)]
+        uids = [str(el.value).strip("\0 ") if el is not None and el.value is not None else "" for el in values]
+    except InvalidInstanceError:
+        raise
+    except Exception as exc:  # pydicom raises many types on garbage; all mean "cannot parse"
+        raise InvalidInstanceError(f"dataset does not parse: {type(exc).__name__}: {exc}", status.CANNOT_UNDERSTAND) from exc
+    names = ("Study Instance UID", "Series Instance UID", "SOP Instance UID")
+    for name, uid in zip(names, uids, strict=True):
+        if not uid:
+            raise InvalidInstanceError(f"{name} missing", status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS)
+        if not is_valid_uid(uid):
+            raise InvalidInstanceError(f"{name} is not a UID: {uid[:80]!r}", status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS)
+    if uids[2] != affected_sop_uid:
+        raise InvalidInstanceError(
+            f"SOP Instance UID {uids[2]!r} differs from the request's {affected_sop_uid[:80]!r}",
+            status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
+        )
+    return uids[0], uids[1], uids[2]
+
+
+def handle_store(event: Event, spool: Spool, tracker: AssociationTracker) -> int:
+    """EVT_C_STORE: validate cheaply, spool the raw bytes durably, then answer (PS3.4 B.2.3).
+
+    Parameters
+    ----------
+    event : pynetdicom.events.Event
+        The C-STORE event.
+    spool : Spool
+        Where acknowledged instances are kept until ingest.
+    tracker : AssociationTracker
+        Gives the association's id and calling AE title.
+
+    Returns
+    -------
+    int
+        0x0000 when the bytes are durable; 0xA900 / 0xC000 for unusable datasets; 0xA700 when
+        the spool is below its watermark or the write failed.
+    """
+    try:
+        request = event.request
+        info = tracker.info(event.assoc)
+        affected = str(request.AffectedSOPInstanceUID or "").strip("\0 ")
+        if not is_valid_uid(affected):
+            log.warning("store from %s refused: Affected SOP Instance UID is not a UID: %r", info.label, affected[:80])
+            return status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+        dataset = request.DataSet.getvalue()  # type: ignore[union-attr]
+        transfer_syntax = event.context.transfer_syntax
+        try:
+            check_dataset(dataset, transfer_syntax, affected)
+        except InvalidInstanceError as exc:
+            log.warning("store from %s refused (0x%04X): %s [%s]", info.label, exc.status, exc, affected)
+            return exc.status
+        received_ns = time.time_ns()
+        try:
+            spool.write(
+                event.encoded_dataset(),
+                sop_uid=affected,
+                association_id=info.association_id,
+                calling_ae=info.calling_ae,
+                received_ns=received_ns,
+            )
+        except SpoolFullError as exc:
+            tracker.note_refused(event.assoc, str(exc))
+            return status.OUT_OF_RESOURCES
+        except OSError as exc:
+            log.error("store from %s: spool write failed (0xA700): %s", info.label, exc)
+            return status.OUT_OF_RESOURCES
+        tracker.note_stored(event.assoc, len(dataset))
+        return status.SUCCESS
+    except Exception:  # never raise out of an intervention handler
+        log.exception("store: unexpected error, answering 0xC000")
+        return status.CANNOT_UNDERSTAND
+
+
+def handle_echo(event: Event) -> int:
+    """EVT_C_ECHO: Verification (PS3.4 Annex A) always succeeds while we are up."""
+    return status.SUCCESS
+
+
+def handle_requested(event: Event, policy: CallerPolicy, tracker: AssociationTracker) -> None:
+    """EVT_REQUESTED: reject callers that may not send, with the proper A-ASSOCIATE-RJ.
+
+    The reject is permanent, from the service user, reason "calling AE title not recognized"
+    (PS3.8 §9.3.4, Table 9-21: result 1, source 1, reason 3). pynetdicom then skips its own
+    negotiation (``Association.run_reactor`` checks ``is_rejected``).
+    """
+    try:
+        assoc = event.assoc
+        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+        address = str(assoc.requestor.address)
+        allowed, reason = policy.allows(calling, address)
+        if not allowed:
+            log.warning("association from %s@%s rejected: %s", calling, address, reason)
+            # PS3.8 Table 9-21: 0x01 rejected-permanent, 0x01 service-user, 0x03 calling AE not recognized
+            assoc.acse.send_reject(0x01, 0x01, 0x03)
+    except Exception:
+        # A policy failure must not let an unchecked caller in: reject transiently.
+        log.exception("association policy failed; rejecting (transient)")
+        try:
+            event.assoc.acse.send_reject(0x02, 0x01, 0x01)
+        except Exception:
+            log.exception("could not send A-ASSOCIATE-RJ")
+
+
+def handle_established(event: Event, tracker: AssociationTracker) -> None:
+    """EVT_ESTABLISHED: give the association its id and record that it is open."""
+    try:
+        tracker.opened(event.assoc)
+    except Exception:
+        log.exception("recording an opened association failed")
+
+
+def handle_closed(event: Event, tracker: AssociationTracker) -> None:
+    """EVT_RELEASED / EVT_ABORTED / EVT_CONN_CLOSE: record that the association ended (once)."""
+    try:
+        tracker.closed(event.assoc, event.event.name)
+    except Exception:
+        log.exception("recording a closed association failed")
