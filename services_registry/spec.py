@@ -38,8 +38,10 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
+
+from services_registry.errors import ServiceValidationError
 
 __all__ = [
     "PRIORITY_RANKS",
@@ -50,6 +52,7 @@ __all__ = [
     "ServiceSpec",
     "parse_duration",
     "priority_rank",
+    "job_from_mapping",
 ]
 
 PRIORITY_RANKS: dict[str, int] = {"high": 10, "default": 20, "medium": 30, "low": 40}
@@ -261,3 +264,37 @@ class ServiceSpec(BaseModel):
         where = self.job_locations[index] if index < len(self.job_locations) else f"jobs[{index}]"
         parts = [p for p in (where, field) if p]
         return ".".join(parts) if parts else None
+
+
+def job_from_mapping(data: Any, location: str, where: str | None) -> JobSpec:
+    """Validate one settings entry, turning pydantic's report into one line.
+
+    Parameters
+    ----------
+    data
+        The entry as read from JSON (camelCase) or given by the Python API (snake_case).
+    location
+        File or object for the message (``registry/settings.json``).
+    where
+        The entry inside it (``jobs[2]``), or ``None`` for a single-object file.
+
+    Raises
+    ------
+    ServiceValidationError
+        ``registry/settings.json: jobs[2].timeout: bad duration '1x'`` for the first problem
+        (and how many more there are).
+    """
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        first = errors[0]
+        field = ".".join(str(p) for p in first["loc"] if p != "__root__")
+        if first["type"] == "missing":
+            message = "required field missing"
+        else:
+            message = str(first["msg"]).removeprefix("Value error, ")
+        if len(errors) > 1:
+            message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+        path = ".".join(p for p in (where, field) if p) or None
+        raise ServiceValidationError(location, path, message) from None
