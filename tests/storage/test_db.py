@@ -1,0 +1,108 @@
+"""Engine and migrations on SQLite and PostgreSQL: the schema comes from Alembic and matches the models."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlmodel import SQLModel
+
+import storage.models as m
+from storage.db import create_engine, current_revision, head_revision, session, upgrade
+
+EXPECTED_TABLES = {
+    "app_setting", "peer", "node", "service", "service_job", "worker", "session", "job",
+    "session_data", "session_file", "patient", "study", "series", "instance",
+    "association", "association_series", "alembic_version",
+}  # fmt: skip
+
+
+def test_upgrade_creates_schema_and_is_idempotent(db_url: str) -> None:
+    assert current_revision(db_url) is None
+    upgrade(db_url)
+    assert current_revision(db_url) == head_revision() == "0001"
+    engine = create_engine(db_url)
+    try:
+        assert set(sa.inspect(engine).get_table_names()) == EXPECTED_TABLES
+        upgrade(engine)  # a second run is a no-op, not an error
+        assert current_revision(engine) == "0001"
+    finally:
+        engine.dispose()
+
+
+def test_migrated_schema_matches_models(db_url: str) -> None:
+    engine = create_engine(db_url)
+    try:
+        upgrade(engine)
+        with engine.connect() as conn:
+            diffs = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), SQLModel.metadata)
+        assert diffs == []
+    finally:
+        engine.dispose()
+
+
+def test_downgrade_to_base_then_upgrade_again(db_url: str) -> None:
+    from alembic import command
+
+    from storage.db import alembic_config, write_transaction
+
+    engine = create_engine(db_url)
+    try:
+        upgrade(engine)
+        with write_transaction(engine) as conn:
+            cfg = alembic_config()
+            cfg.attributes["connection"] = conn
+            command.downgrade(cfg, "base")
+        assert set(sa.inspect(engine).get_table_names()) <= {"alembic_version"}
+        upgrade(engine)
+        assert current_revision(engine) == "0001"
+    finally:
+        engine.dispose()
+
+
+def test_sqlite_engine_pragmas_and_parent_folder(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "er" / "records.db"
+    engine = create_engine(f"sqlite:///{path}")
+    try:
+        with engine.connect() as conn:
+            pragmas = {
+                name: conn.exec_driver_sql(f"PRAGMA {name}").scalar()
+                for name in ("journal_mode", "synchronous", "foreign_keys", "busy_timeout")
+            }
+        assert path.parent.is_dir()
+        assert pragmas == {"journal_mode": "wal", "synchronous": 1, "foreign_keys": 1, "busy_timeout": 30_000}
+    finally:
+        engine.dispose()
+
+
+def test_datetimes_are_utc_aware_and_naive_ones_refused(db_url: str) -> None:
+    engine = create_engine(db_url)
+    try:
+        upgrade(engine)
+        plus_two = dt.timezone(dt.timedelta(hours=2))
+        local = dt.datetime(2024, 5, 1, 14, 0, tzinfo=plus_two)
+        with session(engine) as s:
+            s.add(m.Worker(name="w", created_at=local))
+            s.commit()
+        with session(engine) as s:
+            got = s.get(m.Worker, 1)
+            assert got is not None
+            assert got.created_at == local and got.created_at.tzinfo == dt.UTC and got.created_at.hour == 12
+        with session(engine) as s, pytest.raises(sa.exc.StatementError, match="naive datetime"):
+            s.add(m.Worker(name="naive", created_at=dt.datetime(2024, 5, 1, 12, 0)))
+            s.commit()
+    finally:
+        engine.dispose()
+
+
+def test_bare_postgresql_url_gets_psycopg3_driver() -> None:
+    engine = create_engine("postgresql://postgres@127.0.0.1:5432/nowhere")
+    try:
+        assert engine.url.drivername == "postgresql+psycopg"
+        assert engine.pool._pre_ping  # type: ignore[attr-defined]
+    finally:
+        engine.dispose()
