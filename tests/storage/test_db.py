@@ -106,3 +106,16 @@ def test_bare_postgresql_url_gets_psycopg3_driver() -> None:
         assert engine.pool._pre_ping  # type: ignore[attr-defined]
     finally:
         engine.dispose()
+
+
+def test_postgresql_plans_every_statement_with_current_statistics(db_url: str) -> None:
+    engine = create_engine(db_url)
+    try:
+        if engine.dialect.name != "postgresql":
+            pytest.skip("PostgreSQL setting")
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("SHOW plan_cache_mode").scalar() == "force_custom_plan"
+            # options already in the URL (the fixture's search_path) are kept
+            assert conn.exec_driver_sql("SELECT current_schema()").scalar().startswith("t_")
+    finally:
+        engine.dispose()
