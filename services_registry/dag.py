@@ -2,8 +2,8 @@
 
 Edges come from ``dependsOn`` (fan-in allowed: a job may wait for several). The ready order
 is the order a single worker would start jobs in: among the jobs whose dependencies are all
-done, the one with the lowest key ``(priority rank, sortPosition, jobName)`` first (priority
-ranks in :mod:`services_registry.spec`). ``levels`` groups jobs by depth (longest chain of
+done, the highest priority rank first, then the lowest ``sortPosition``, then ``jobName``
+(priority ranks in :mod:`services_registry.spec`). ``levels`` groups jobs by depth (longest chain of
 dependencies before them): everything in one level may run at the same time.
 """
 
@@ -58,8 +58,8 @@ class Plan(BaseModel):
 
 
 def ready_key(job: JobSpec) -> tuple[int, float, str]:
-    """Sort key among ready jobs: priority rank, then sortPosition, then jobName."""
-    return (job.priority_rank, float(job.sort_position), job.job_name)
+    """Sort key among ready jobs: higher priority rank, then lower sortPosition, then jobName."""
+    return (-job.priority_rank, float(job.sort_position), job.job_name)
 
 
 def plan_dag(jobs: Iterable[JobSpec | SelectedJob]) -> Plan:

@@ -9,21 +9,23 @@ Priority
 --------
 dcm-processor G0 used ``priority`` as the RQ queue name and its workers served the queues
 ``default``, ``medium``, ``low`` in that order (reference §2.5); G1/G2 ignore it. dcmflow
-honours it with **one ordering rank, lower runs first** (the same direction as
-``sortPosition`` and as Prefect work-queue priorities, where 1 is the most urgent):
+honours it with **one ordering rank, higher runs first** (as mongo-qas dequeues, reference
+§2.5, and as :func:`storage.models.priority_rank` stores it in ``priority_rank`` columns,
+so records and plans sort the same way):
 
 =========  ====
 name       rank
 =========  ====
-``high``     10
-``default``  20
-``medium``   30
-``low``      40
+``high``     40
+``default``  30
+``medium``   20
+``low``      10
 =========  ====
 
-An integer priority *is* its rank, on the same scale (``15`` runs after ``high`` and before
+An integer priority *is* its rank, on the same scale (``35`` runs after ``high`` and before
 ``default``). Unknown names are rejected: in G0 they silently created a queue no worker read.
-The planner's ready order is (rank, sortPosition, jobName), see :mod:`services_registry.dag`.
+The planner's ready order is (rank descending, sortPosition, jobName), see
+:mod:`services_registry.dag`.
 
 Timeouts
 --------
@@ -55,8 +57,8 @@ __all__ = [
     "job_from_mapping",
 ]
 
-PRIORITY_RANKS: dict[str, int] = {"high": 10, "default": 20, "medium": 30, "low": 40}
-"""Rank of each priority name; lower runs first (see the module docstring)."""
+PRIORITY_RANKS: dict[str, int] = {"high": 40, "default": 30, "medium": 20, "low": 10}
+"""Rank of each priority name; higher runs first (see the module docstring)."""
 
 DEFAULT_PRIORITY = "default"
 """Priority of a job that names none (the seed's ``DEFUALT_PRIORITY`` env default)."""
@@ -114,7 +116,7 @@ def parse_duration(value: object) -> float:
 
 
 def priority_rank(priority: str | int) -> int:
-    """The ordering rank of a priority name or integer; lower runs first.
+    """The ordering rank of a priority name or integer; higher runs first.
 
     Raises
     ------
@@ -220,7 +222,7 @@ class JobSpec(BaseModel):
 
     @property
     def priority_rank(self) -> int:
-        """Ordering rank of :attr:`priority`; lower runs first."""
+        """Ordering rank of :attr:`priority`; higher runs first."""
         return priority_rank(self.priority)
 
     @property

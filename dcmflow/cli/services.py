@@ -1,0 +1,252 @@
+"""``dcmflow services``: install, remove, back up, list, show and dry-run plan services.
+
+Services are dcm-processor folders (``registry/`` + ``module/``) used unchanged, or Python
+modules using :class:`services_registry.Service`. Every user mistake is one line on stderr
+and exit code 1.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import typer
+from rich.tree import Tree
+
+from dcmflow.cli._common import load_settings
+from dcmflow.cli._output import emit, emit_one, fail, info, stdout
+
+if TYPE_CHECKING:
+    from services_registry.planning import SeriesPlan
+    from storage.objects import ObjectStore
+    from storage.repository import Repository
+
+    from dcmflow.settings import Settings
+
+app = typer.Typer(help="Install, inspect and dry-run processing services.", no_args_is_help=True)
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Turn registry/storage errors into one line and exit 1 (never a traceback)."""
+    from sqlalchemy.exc import OperationalError, ProgrammingError
+
+    from services_registry.errors import RegistryError
+    from storage.errors import StorageError
+
+    try:
+        yield
+    except (RegistryError, StorageError) as exc:
+        fail(str(exc))
+    except (OperationalError, ProgrammingError) as exc:
+        text = str(exc.orig) if exc.orig is not None else str(exc)
+        if "no such table" in text or "does not exist" in text:
+            fail("the database has no dcmflow tables yet; run `dcmflow db upgrade` first")
+        fail(f"database error: {text.splitlines()[0] if text else type(exc).__name__}")
+
+
+def _storage(settings: Settings) -> tuple[Repository, ObjectStore]:
+    from dcmflow.wiring import object_store_from, repository_from
+
+    return repository_from(settings), object_store_from(settings)
+
+
+@app.command()
+def install(
+    path: str = typer.Argument(..., help="Service folder (registry/ + module/), or a .py file / package[:attribute]."),
+    name: str | None = typer.Option(None, "--name", "-n", help="Install name (default: folder or Service name)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Validate a service, copy it under DCMFLOW_HOME/services, record it and store its bundle."""
+    from services_registry.install import install_service
+    from services_registry.load import load_service
+
+    settings = load_settings()
+    with _errors():
+        spec = load_service(path, name=name)
+        repository, store = _storage(settings)
+        result = install_service(spec, services_dir=settings.services_dir, repository=repository, store=store)
+    for warning in result.warnings:
+        info(f"[yellow]warning:[/yellow] {warning}")
+    if as_json:
+        emit_one(result, True)
+        return
+    what = "installed" if result.changed else "unchanged, already installed as"
+    info(f"{result.name} {what} version {result.version} ({len(result.jobs)} jobs: {', '.join(result.jobs)})")
+
+
+@app.command()
+def remove(
+    name: str = typer.Argument(..., help="Installed service name."),
+    backup: Path | None = typer.Option(None, "--backup", "-b", help="Copy it to DIR/<name>/ first."),
+) -> None:
+    """Remove every version of a service (files, records, bundles), optionally backing it up first."""
+    from services_registry.install import remove_service
+
+    settings = load_settings()
+    with _errors():
+        repository, store = _storage(settings)
+        count = remove_service(
+            name, services_dir=settings.services_dir, repository=repository, store=store, backup=backup
+        )
+    info(f"removed {name} ({count} version{'s' if count != 1 else ''})" + (f", backup in {backup / name}" if backup else ""))
+
+
+@app.command()
+def backup(
+    name: str = typer.Argument(..., help="Installed service name."),
+    directory: Path = typer.Argument(..., help="Folder to copy it into (as DIR/<name>/)."),
+) -> None:
+    """Copy the active version of a service to DIR/<name>/ (re-installable as is)."""
+    from services_registry.install import backup_service
+
+    settings = load_settings()
+    with _errors():
+        repository, store = _storage(settings)
+        target = backup_service(name, directory, services_dir=settings.services_dir, repository=repository, store=store)
+    info(f"backed up {name} to {target}")
+
+
+@app.command("list")
+def list_services(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """List installed services (active versions)."""
+    settings = load_settings()
+    with _errors():
+        repository, _ = _storage(settings)
+        records = repository.list_services()
+    rows = [
+        {
+            "name": r.name,
+            "version": r.version,
+            "source": r.source_kind,
+            "jobs": ", ".join(j.job_name for j in r.jobs),
+            "content_hash": r.content_hash,
+            "installed_at": r.installed_at,
+            "summary": r.summary,
+        }
+        for r in records
+    ]
+    if as_json:
+        emit([r.model_dump(mode="json") for r in records], True)
+    else:
+        emit(rows, False, columns=["name", "version", "source", "jobs", "summary"], title="Installed services")
+
+
+@app.command()
+def show(
+    name: str = typer.Argument(..., help="Installed service name."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Show one installed service and its job specs."""
+    from services_registry.errors import ServiceNotFoundError
+
+    settings = load_settings()
+    with _errors():
+        repository, _ = _storage(settings)
+        record = repository.get_service(name)
+        if record is None:
+            raise ServiceNotFoundError(name)
+    if as_json:
+        emit_one(record, True)
+        return
+    emit_one(record.model_dump(mode="json", exclude={"jobs"}), False, title=name)
+    emit(
+        [j.model_dump(mode="json") for j in record.jobs],
+        False,
+        columns=["job_name", "worker", "callback", "depends_on", "priority", "timeout_seconds", "sort_position", "disabled", "level"],
+        title="jobs",
+    )
+
+
+def _plans_from_dir(directory: Path, specs: list[Any]) -> list[SeriesPlan]:
+    from services_registry.errors import RegistryError
+    from services_registry.headers import headers_from_dataset, read_series_folder
+    from services_registry.planning import plan_series
+
+    if not directory.is_dir():
+        raise RegistryError(f"{directory}: not a folder")
+    plans = []
+    series = read_series_folder(directory)
+    if not series:
+        raise RegistryError(f"{directory}: no DICOM files with a SeriesInstanceUID")
+    for uid in sorted(series):
+        path, ds = series[uid].representative
+        rel = path.parent.resolve().relative_to(directory.resolve()).as_posix()
+        headers = headers_from_dataset(ds, dcmpath=rel)
+        plans.append(plan_series(specs, headers, instances=len(series[uid].files)))
+    return plans
+
+
+def _plan_from_store(series_uid: str, repository: Repository, store: ObjectStore, specs: list[Any]) -> SeriesPlan:
+    import pydicom
+
+    from services_registry.errors import RegistryError
+    from services_registry.headers import headers_from_dataset
+    from services_registry.planning import default_dcmpath, plan_series
+    from storage.keys import validate_uid
+
+    validate_uid(series_uid, "Series Instance UID")
+    series = repository.get_series(series_uid)
+    if series is None:
+        raise RegistryError(f"no received series {series_uid}")
+    instances = repository.list_instances(series_uid)
+    if not instances:
+        raise RegistryError(f"series {series_uid} has no stored instances")
+    first = instances[0]  # ordered by InstanceNumber: the representative instance
+    with store.open_stream(first.object_key) as stream:
+        ds = pydicom.dcmread(stream, stop_before_pixels=True)
+    headers = headers_from_dataset(ds, dcmpath=default_dcmpath(series.study_uid, series_uid))
+    return plan_series(specs, headers, instances=len(instances))
+
+
+def _render(plan: SeriesPlan) -> None:
+    tree = Tree(
+        f"[bold]series {plan.series_uid}[/bold]  {plan.modality} "
+        f"{plan.description!r}  {plan.instances} instance{'s' if plan.instances != 1 else ''}"
+    )
+    runs = tree.add(f"[green]will run[/green] ({len(plan.selected)}, ready order)")
+    for index, job in enumerate(plan.selected, 1):
+        deps = f"  after {', '.join(job['dependsOn'])}" if job["dependsOn"] else ""
+        runs.add(
+            f"{index}. [bold]{job['job']}[/bold] ({job['service']})  priority {job['priority']}, "
+            f"sortPosition {job['sortPosition']}{deps}  added_params {json.dumps(job['added_params'])}"
+        )
+    skipped = tree.add(f"[red]will not run[/red] ({len(plan.rejected)})")
+    for job in plan.rejected:
+        skipped.add(f"[bold]{job['job']}[/bold] ({job['service']}): {job['reason']}")
+    dag = tree.add("DAG levels (jobs in one level may run together)")
+    for depth, level in enumerate(plan.levels):
+        dag.add(f"level {depth}: {', '.join(level)}")
+    stdout.print(tree)
+
+
+@app.command()
+def plan(
+    series_uid: str | None = typer.Argument(None, help="Series Instance UID of a received series."),
+    directory: Path | None = typer.Option(None, "--dir", "-d", help="A folder of DICOM files not yet received."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Dry run: which jobs would run for a series, why others would not, and the DAG."""
+    from services_registry.install import installed_specs
+
+    if (series_uid is None) == (directory is None):
+        fail("give either SERIES_UID or --dir PATH")
+    settings = load_settings()
+    with _errors():
+        repository, store = _storage(settings)
+        specs = installed_specs(repository, settings.services_dir, store)
+        if directory is not None:
+            plans = _plans_from_dir(directory, specs)
+        else:
+            assert series_uid is not None
+            plans = [_plan_from_store(series_uid, repository, store, specs)]
+    if as_json:
+        emit(plans, True)
+        return
+    if not specs:
+        info("no services installed: nothing would run")
+    for item in plans:
+        _render(item)

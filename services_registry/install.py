@@ -1,0 +1,385 @@
+"""Install, remove and back up services, like dcm-processor's ``service.sh``, with versions.
+
+``service.sh install`` copied ``registry/`` and ``module/`` to ``$REGISTRY/<name>`` and
+``$MODULES/<name>`` after ``rm -rf`` of the old copy (reference §1.1). dcmflow keeps every
+version instead:
+
+* files: ``<services_dir>/<name>/<version>/`` holding ``registry/`` + ``module/`` (folder
+  services) or ``python/<module or package>`` (Python services), plus ``dcmflow-service.json``
+  (name, source, entry, hash: what is needed to load it again);
+* records: the service and its job specs through :class:`storage.repository.Repository`,
+  which numbers versions and keeps one active: unchanged content (same ``content_hash``)
+  is the same version, changed content is version n+1;
+* bundle: a reproducible ``.tar.gz`` of that folder in the object store at
+  ``services/<name>/<version>.tar.gz`` (key built only from validated names), so a worker on
+  another machine fetches exactly that version (:func:`ensure_local`).
+
+Nothing is copied, recorded or uploaded before the service passed every check of
+:func:`services_registry.check_service` against the other installed services.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
+
+from storage.errors import ObjectNotFoundError, StorageError
+from storage.keys import validate_key, validate_name
+
+from services_registry._files import iter_files
+from services_registry.api import load_python
+from services_registry.errors import InstallError, ServiceNotFoundError, ServiceValidationError
+from services_registry.folder import load_folder
+from services_registry.load import check_service
+from services_registry.spec import JobSpec, ServiceSpec
+
+if TYPE_CHECKING:
+    from storage.models import ServicePublic
+    from storage.objects import ObjectStore
+    from storage.repository import Repository
+
+__all__ = [
+    "MANIFEST",
+    "InstallResult",
+    "bundle_key",
+    "install_service",
+    "installed_specs",
+    "ensure_local",
+    "remove_service",
+    "backup_service",
+]
+
+MANIFEST = "dcmflow-service.json"
+"""File in each installed version folder saying how to load it again."""
+
+_SOURCE_KIND = {"folder": "folder", "python": "python", "entry_point": "entrypoint"}
+
+
+class InstallResult(BaseModel):
+    """What ``install`` did; ``changed`` is false when the same content was installed already."""
+
+    name: str
+    version: int
+    changed: bool
+    content_hash: str
+    source: str
+    install_path: str | None
+    bundle_key: str | None
+    jobs: list[str]
+    warnings: list[str]
+
+
+def bundle_key(name: str, version: int) -> str:
+    """Object key of a service version's bundle: ``services/<name>/<version>.tar.gz``."""
+    return validate_key(f"services/{validate_name(name, 'service name')}/{int(version)}.tar.gz")
+
+
+def _version_dir(services_dir: Path, name: str, version: int) -> Path:
+    return services_dir / validate_name(name, "service name") / str(int(version))
+
+
+def _copy_service(spec: ServiceSpec, target: Path) -> None:
+    """Copy the service's files into ``target`` (a new folder) and write the manifest."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".git")
+    if spec.source == "folder":
+        assert spec.root is not None
+        shutil.copytree(spec.root / "registry", target / "registry", ignore=ignore)
+        module = spec.root / "module"
+        if module.is_dir():
+            shutil.copytree(module, target / "module", ignore=ignore)
+    elif spec.source == "python":
+        assert spec.root is not None and spec.entry
+        top = spec.entry.split(":", 1)[0]
+        source = spec.root / top if (spec.root / top).is_dir() else spec.root / f"{top}.py"
+        (target / "python").mkdir(parents=True)
+        if source.is_dir():
+            shutil.copytree(source, target / "python" / source.name, ignore=ignore)
+        else:
+            shutil.copy2(source, target / "python" / source.name)
+    else:
+        target.mkdir(parents=True)
+    manifest = {"name": spec.name, "source": spec.source, "entry": spec.entry, "content_hash": spec.content_hash}
+    (target / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _bundle(folder: Path) -> bytes:
+    """A reproducible tar.gz of ``folder`` (sorted names, zero times and owners)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz", format=tarfile.PAX_FORMAT) as tar:
+        for path in iter_files(folder):
+            info = tarfile.TarInfo(path.relative_to(folder).as_posix())
+            info.size = path.stat().st_size
+            info.mode = 0o644
+            info.mtime = 0
+            with path.open("rb") as fh:
+                tar.addfile(info, fh)
+    return buffer.getvalue()
+
+
+def _load_version(folder: Path, name: str, version: int) -> ServiceSpec:
+    """Load an installed version folder back into a spec (using its manifest)."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError) as exc:
+        raise InstallError(f"{folder}: unreadable {MANIFEST}: {exc}") from None
+    if manifest["source"] == "folder":
+        spec = load_folder(folder, name=name)
+    elif manifest["source"] == "python":
+        module, _, attribute = str(manifest["entry"]).partition(":")
+        path = folder / "python" / module
+        spec = load_python(path if path.is_dir() else path.with_suffix(".py"), attribute=attribute or None, name=name)
+    else:
+        raise InstallError(f"{folder}: source {manifest['source']!r} is not installed from files")
+    return spec.model_copy(update={"version": str(version)})
+
+
+def _job_record(job: JobSpec) -> Any:
+    from storage.models import ServiceJobBase
+
+    extra = dict(job.extra)
+    if float(job.sort_position) != int(job.sort_position):
+        extra["sortPosition"] = job.sort_position  # the column is an integer; keep the exact value
+    return ServiceJobBase(
+        job_name=job.job_name,
+        worker=job.worker,
+        callback=job.callback,
+        depends_on=list(job.depends_on),
+        priority=str(job.priority),
+        priority_rank=job.priority_rank,
+        timeout_seconds=math.ceil(job.timeout),
+        params=job.params,
+        sort_position=int(job.sort_position),
+        description=job.description or "",
+        channel=job.channel,
+        disabled=job.disabled,
+        retries=job.retries,
+        retry_delay_seconds=math.ceil(job.retry_delay),
+        level=job.level,
+        extra=extra,
+    )
+
+
+def ensure_local(record: ServicePublic, services_dir: Path, store: ObjectStore) -> Path:
+    """The local folder of an installed version, fetched from its bundle when missing.
+
+    Raises
+    ------
+    InstallError
+        When the folder is missing here and the bundle cannot be fetched.
+    """
+    folder = _version_dir(services_dir, record.name, record.version)
+    if (folder / MANIFEST).is_file():
+        return folder
+    if record.install_path and (Path(record.install_path) / MANIFEST).is_file():
+        return Path(record.install_path)
+    if not record.bundle_key:
+        raise InstallError(f"service {record.name!r} version {record.version} has no files here and no bundle")
+    try:
+        data = store.get(validate_key(record.bundle_key))
+    except StorageError as exc:
+        raise InstallError(f"service {record.name!r} version {record.version}: cannot fetch bundle: {exc}") from None
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".fetch-", dir=folder.parent))
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+            tar.extractall(staging, filter="data")  # refuses absolute paths and '..'
+        staging.replace(folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder
+
+
+def installed_specs(repository: Repository, services_dir: Path, store: ObjectStore) -> list[ServiceSpec]:
+    """Specs of every active installed service (folder/Python), loaded from their files."""
+    specs = []
+    for record in repository.list_services():
+        if record.source_kind == "entrypoint":
+            continue
+        specs.append(_load_version(ensure_local(record, services_dir, store), record.name, record.version))
+    return specs
+
+
+def install_service(
+    spec: ServiceSpec, *, services_dir: Path, repository: Repository, store: ObjectStore
+) -> InstallResult:
+    """Validate ``spec`` against the installed services, then copy, record and bundle it.
+
+    Parameters
+    ----------
+    spec
+        A service from :func:`services_registry.load_service` (folder or Python).
+    services_dir
+        ``Settings.services_dir``.
+
+    Returns
+    -------
+    InstallResult
+        Version and whether anything changed.
+
+    Raises
+    ------
+    ServiceValidationError
+        The service fails a check (nothing is written).
+    InstallError
+        Copying, recording or uploading failed.
+    """
+    if spec.source == "entry_point":
+        raise InstallError(f"{spec.origin}: entry-point services are installed with pip, not copied")
+    others = [s for s in installed_specs(repository, services_dir, store) if s.name != spec.name]
+    check_service(spec, installed=others)
+    try:
+        history = [s for s in repository.list_services(include_inactive=True) if s.name == spec.name]
+        newest = max(history, key=lambda s: s.version) if history else None
+        if newest is not None and newest.content_hash == spec.content_hash:
+            record = _register(repository, spec, newest.install_path, newest.bundle_key)
+            ensure_local(record, services_dir, store)
+            return _result(spec, record, changed=False)
+        version = (newest.version + 1) if newest else 1
+        target = _version_dir(services_dir, spec.name, version)
+        if target.exists():
+            shutil.rmtree(target)  # left over from an install that failed before recording
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".install-", dir=target.parent))
+        try:
+            shutil.rmtree(staging)
+            _copy_service(spec, staging)
+            staging.replace(target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        key = bundle_key(spec.name, version)
+        store.put(key, _bundle(target), content_type="application/gzip")
+        record = _register(repository, spec, str(target.resolve()), key)
+        if record.version != version:
+            raise InstallError(f"service {spec.name!r}: another install recorded version {record.version} meanwhile")
+        return _result(spec, record, changed=True)
+    except (OSError, StorageError) as exc:
+        raise InstallError(f"cannot install {spec.name!r}: {type(exc).__name__}: {exc}") from None
+
+
+def _register(repository: Repository, spec: ServiceSpec, path: str | None, key: str | None) -> ServicePublic:
+    from storage.models import ServiceBase
+
+    service = ServiceBase(
+        name=spec.name,
+        content_hash=spec.content_hash,
+        source_kind=_SOURCE_KIND[spec.source],
+        install_path=path,
+        bundle_key=key,
+        summary=spec.description or "",
+    )
+    return repository.register_service(service, [_job_record(job) for job in spec.jobs])
+
+
+def _result(spec: ServiceSpec, record: ServicePublic, *, changed: bool) -> InstallResult:
+    return InstallResult(
+        name=record.name,
+        version=record.version,
+        changed=changed,
+        content_hash=record.content_hash,
+        source=spec.source,
+        install_path=record.install_path,
+        bundle_key=record.bundle_key,
+        jobs=[j.job_name for j in spec.jobs],
+        warnings=list(spec.warnings),
+    )
+
+
+def backup_service(
+    name: str, destination: Path, *, services_dir: Path, repository: Repository, store: ObjectStore
+) -> Path:
+    """Copy the active version of ``name`` to ``destination/<name>/`` (seed: ``service.sh backup``).
+
+    The copy is a service folder again (``registry/`` + ``module/``, or the Python module), so
+    ``dcmflow services install destination/<name>`` restores it.
+
+    Raises
+    ------
+    ServiceNotFoundError
+        No installed service of that name.
+    InstallError
+        ``destination/<name>`` exists already, or copying failed.
+    """
+    record = repository.get_service(name)
+    if record is None:
+        raise ServiceNotFoundError(name)
+    source = ensure_local(record, services_dir, store)
+    target = destination / validate_name(name, "service name")
+    if target.exists():
+        raise InstallError(f"{target}: exists already; choose another backup folder")
+    try:
+        if (source / "python").is_dir():
+            shutil.copytree(source / "python", target)
+        else:
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns(MANIFEST, "__pycache__"))
+    except OSError as exc:
+        raise InstallError(f"cannot back up {name!r} to {target}: {exc}") from None
+    return target
+
+
+def remove_service(
+    name: str,
+    *,
+    services_dir: Path,
+    repository: Repository,
+    store: ObjectStore,
+    backup: Path | None = None,
+) -> int:
+    """Remove every version of ``name``: records, files and bundles (seed: ``service.sh remove``).
+
+    Refused while a job of another installed service depends on one of its jobs: in the seed
+    that dependent would silently never be scheduled again.
+
+    Returns
+    -------
+    int
+        Number of versions removed.
+
+    Raises
+    ------
+    ServiceNotFoundError
+        No installed service of that name.
+    ServiceValidationError
+        Another service depends on it.
+    InstallError
+        The backup or the deletion failed.
+    """
+    record = repository.get_service(name)
+    if record is None:
+        raise ServiceNotFoundError(name)
+    own = {j.job_name for j in record.jobs}
+    for other in repository.list_services():
+        if other.name == name:
+            continue
+        for job in other.jobs:
+            needed = own.intersection(job.depends_on)
+            if needed:
+                raise ServiceValidationError(
+                    f"service {other.name!r}",
+                    f"job {job.job_name!r}.dependsOn",
+                    f"depends on {sorted(needed)[0]!r} of {name!r}; remove {other.name!r} first",
+                )
+    if backup is not None:
+        backup_service(name, backup, services_dir=services_dir, repository=repository, store=store)
+    versions = repository.list_services(include_inactive=True)
+    try:
+        for version in versions:
+            if version.name == name and version.bundle_key:
+                try:
+                    store.delete(version.bundle_key)
+                except ObjectNotFoundError:
+                    pass
+        removed = repository.remove_service(name)
+        shutil.rmtree(services_dir / validate_name(name, "service name"), ignore_errors=True)
+    except StorageError as exc:
+        raise InstallError(f"cannot remove {name!r}: {exc}") from None
+    return removed
