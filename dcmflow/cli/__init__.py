@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from dcmflow import __version__
+from dcmflow.cli import db, selfcheck
 
 app = typer.Typer(
     name="dcmflow",
@@ -28,6 +29,10 @@ def _root() -> None:
 def version() -> None:
     """Print the dcmflow version."""
     typer.echo(__version__)
+
+
+app.add_typer(db.app, name="db")
+app.command(name="selfcheck")(selfcheck.selfcheck)
 
 
 def main() -> None:

@@ -63,10 +63,12 @@ def emit_one(row: BaseModel | Mapping[str, Any], as_json: bool, *, title: str | 
 
 def info(message: str) -> None:
     """A progress or status line for people, on stderr (stdout stays machine-readable)."""
-    stderr.print(message)
+    stderr.print(message, markup=False, highlight=False, soft_wrap=True)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
     """Print one red error line on stderr and exit non-zero; never a traceback."""
-    stderr.print(f"[red]Error:[/red] {message}", highlight=False)
+    # soft_wrap: one line, however long; markup off so brackets in messages print as-is.
+    stderr.print("[red]Error:[/red] ", end="", highlight=False)
+    stderr.print(message, markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(code=code)

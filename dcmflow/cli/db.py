@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from dcmflow.cli._output import fail, info
-from dcmflow.settings import Settings
+from dcmflow.cli._common import load_settings
 
 app = typer.Typer(help="Create and migrate the records database.", no_args_is_help=True)
 
@@ -20,7 +20,7 @@ def upgrade(
 
     from dcmflow.wiring import describe_database
 
-    settings = Settings()
+    settings = load_settings()
     try:
         engine = db.create_engine(settings.effective_database_url)
         db.upgrade(engine, revision)
@@ -39,7 +39,7 @@ def current() -> None:
 
     from dcmflow.wiring import describe_database
 
-    settings = Settings()
+    settings = load_settings()
     try:
         rev = db.current_revision(db.create_engine(settings.effective_database_url))
     except Exception as exc:

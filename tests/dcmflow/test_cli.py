@@ -1,0 +1,126 @@
+"""The command line through its public interface (Typer's CliRunner), on real databases."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import inspect
+from typer.testing import CliRunner
+
+from dcmflow import __version__
+from dcmflow.cli import app
+from storage.db import create_engine
+
+runner = CliRunner()
+
+
+def test_help_lists_the_commands() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("version", "db", "selfcheck"):
+        assert command in result.output
+
+
+def test_version() -> None:
+    result = runner.invoke(app, ["version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == __version__
+
+
+def test_unknown_command_is_a_usage_error() -> None:
+    result = runner.invoke(app, ["frobnicate"])
+    assert result.exit_code == 2
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def database_env(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("DCMFLOW_HOME", str(tmp_path / "home"))
+    if request.param == "postgresql":
+        url = request.getfixturevalue("postgres_url")
+        monkeypatch.setenv("DCMFLOW_DATABASE_URL", url)
+        return url
+    return f"sqlite:///{(tmp_path / 'home' / 'dcmflow.db').resolve()}"
+
+
+def test_db_upgrade_creates_the_schema(database_env: str) -> None:
+    result = runner.invoke(app, ["db", "upgrade"])
+    assert result.exit_code == 0, result.output
+    tables = set(inspect(create_engine(database_env)).get_table_names())
+    assert {"series", "instance", "job", "session", "service", "peer", "alembic_version"} <= tables
+    again = runner.invoke(app, ["db", "upgrade"])  # idempotent
+    assert again.exit_code == 0, again.output
+    current = runner.invoke(app, ["db", "current"])
+    assert current.exit_code == 0 and current.output.strip()
+
+
+def test_db_upgrade_on_unreachable_server_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DCMFLOW_DATABASE_URL", "postgresql+psycopg://nobody@127.0.0.1:1/none?connect_timeout=2")
+    result = runner.invoke(app, ["db", "upgrade"])
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    assert result.output.strip().startswith("Error:")
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_bad_setting_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DCMFLOW_DICOM_PORT", "70000")
+    result = runner.invoke(app, ["db", "upgrade"])
+    assert result.exit_code == 1
+    assert "DCMFLOW_DICOM_PORT" in result.output
+    assert "Traceback" not in result.output
+
+
+def _selfcheck_rows(output: str) -> dict[str, dict[str, object]]:
+    import json
+
+    start = output.index("[")
+    end = output.rindex("]") + 1
+    return {row["check"]: row for row in json.loads(output[start:end])}
+
+
+def test_selfcheck_on_embedded_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the default DCMFLOW_HOME is ./.dcmflow
+    result = runner.invoke(app, ["selfcheck", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = _selfcheck_rows(result.output)
+    assert [r["result"] for r in rows.values()] == ["ok"] * 5
+    assert (tmp_path / ".dcmflow" / "dcmflow.db").is_file()
+    objects = tmp_path / ".dcmflow" / "objects"
+    assert not [p for p in objects.rglob("*") if p.is_file()], "selfcheck left objects behind"
+
+
+@pytest.mark.s3
+def test_selfcheck_on_s3_and_postgresql(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, s3_endpoint, s3_bucket_name: str, postgres_url: str
+) -> None:
+    monkeypatch.setenv("DCMFLOW_HOME", str(tmp_path))
+    monkeypatch.setenv("DCMFLOW_DATABASE_URL", postgres_url)
+    monkeypatch.setenv("DCMFLOW_S3_ENDPOINT", s3_endpoint.endpoint)
+    monkeypatch.setenv("DCMFLOW_S3_ACCESS_KEY", s3_endpoint.access_key)
+    monkeypatch.setenv("DCMFLOW_S3_SECRET_KEY", s3_endpoint.secret_key)
+    monkeypatch.setenv("DCMFLOW_S3_SECURE", str(s3_endpoint.secure))
+    monkeypatch.setenv("DCMFLOW_S3_BUCKET", s3_bucket_name)
+    result = runner.invoke(app, ["selfcheck", "--json"])
+    assert result.exit_code == 0, result.output
+    assert all(r["result"] == "ok" for r in _selfcheck_rows(result.output).values())
+    assert not (tmp_path / "objects").exists(), "with an S3 endpoint nothing goes to the local store"
+
+
+def test_selfcheck_reports_an_unreachable_object_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("DCMFLOW_HOME", str(tmp_path))
+    monkeypatch.setenv("DCMFLOW_S3_ENDPOINT", f"127.0.0.1:{port}")
+    monkeypatch.setenv("DCMFLOW_S3_ACCESS_KEY", "x")
+    monkeypatch.setenv("DCMFLOW_S3_SECRET_KEY", "y")
+    result = runner.invoke(app, ["selfcheck", "--json"])
+    assert result.exit_code == 1
+    rows = _selfcheck_rows(result.output)
+    assert rows["database"]["result"] == "ok"
+    assert rows["object store"]["result"] == "FAILED"
+    assert f"127.0.0.1:{port}" in str(rows["object store"]["detail"])
+    assert "Traceback" not in result.output
