@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from services_registry.loader import strip_mangled
 from services_registry.runtime import LoadedService
 from services_registry.spec import JobSpec
 
@@ -160,7 +161,7 @@ def evaluate_callbacks(
             scheduled, params, value = interpret_result(raw)
         except Exception as exc:  # a service's bug must not stop the others (seed behaviour)
             logger.error("Exception: %s: %s", job.job_name, exc)
-            reject(service, job, "callback_raised", f"callback raised {type(exc).__name__}: {exc}")
+            reject(service, job, "callback_raised", f"callback raised {type(exc).__name__}: {strip_mangled(str(exc))}")
             continue
         if scheduled:
             added[job.job_name] = params

@@ -49,10 +49,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["IsolatedImporter", "top_level_names", "find_attribute", "plain_module_name"]
+__all__ = ["IsolatedImporter", "top_level_names", "find_attribute", "plain_module_name", "strip_mangled"]
 
 _PREFIX = "_dcmflow_svc_"
 _RE_MANGLED = re.compile(rf"^{_PREFIX}[A-Za-z0-9_]*\.(?:registry|module|python)\.")
+_RE_MANGLED_ANYWHERE = re.compile(rf"{_PREFIX}[A-Za-z0-9_]*\.(?:registry|module|python)\.")
 _counter = itertools.count(1)
 _lock = threading.RLock()
 
@@ -60,6 +61,11 @@ _lock = threading.RLock()
 def plain_module_name(name: str) -> str:
     """The name a module has in its own service (``pkg.sub``), mangled prefix removed."""
     return _RE_MANGLED.sub("", name, count=1)
+
+
+def strip_mangled(text: str) -> str:
+    """``text`` (an error message) with every private prefix removed, as the author wrote names."""
+    return _RE_MANGLED_ANYWHERE.sub("", text)
 
 
 def _is_package_dir(path: Path) -> bool:
@@ -238,6 +244,8 @@ class IsolatedImporter:
         module_name, attribute = dotted.rsplit(".", 1)
         with self.active():
             module = self.import_module(module_name)
+        if not hasattr(module, attribute):
+            raise AttributeError(f"module {module_name!r} has no attribute {attribute!r}")
         target = getattr(module, attribute)
         if not callable(target):
             raise TypeError(f"{dotted!r} is not callable")

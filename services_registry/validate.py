@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from services_registry.errors import CycleError, ServiceValidationError
+from services_registry.loader import strip_mangled
 from services_registry.runtime import LoadedService
 from services_registry.spec import ServiceSpec
 
@@ -121,7 +122,7 @@ def check_resolvable(service: LoadedService) -> None:
             raise ServiceValidationError(
                 spec.origin,
                 spec.job_field(index, "callback"),
-                f"{job.callback!r} does not resolve: {type(exc).__name__}: {exc}",
+                f"{job.callback!r} does not resolve: {type(exc).__name__}: {strip_mangled(str(exc))}",
             ) from None
         problem = service.worker_problem(job)
         if problem is not None:
