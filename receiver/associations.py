@@ -175,6 +175,9 @@ class AssociationFacts(Protocol):
     def opened(self, association_id: str, calling_ae: str, at: dt.datetime) -> None:
         """An association was established."""
 
+    def touched(self, association_id: str, series_uid: str, at: dt.datetime) -> None:
+        """The association sent an instance of a series it had not sent before."""
+
     def closed(self, association_id: str, at: dt.datetime) -> None:
         """An association ended (released, aborted or connection lost)."""
 
@@ -182,38 +185,92 @@ class AssociationFacts(Protocol):
 class RepositoryFacts:
     """Write association facts through a repository, from a background thread.
 
+    The C-STORE path only queues; the thread writes. A close is recorded only once the
+    spool holds no more files of that association (``pending_files``), so the completeness
+    monitor never sees an association as closed while its instances still wait for ingest
+    (for example during an object-store outage).
+
     Parameters
     ----------
     repository : object
-        Has ``association_opened(association_id, calling_ae)`` and
-        ``association_closed(association_id)`` (:class:`storage.repository.Repository`).
+        Has ``association_opened(id, calling_ae)``, ``association_touched_series(id, uids)``
+        and ``association_closed(id)`` (:class:`storage.repository.Repository`).
+    pending_files : callable, optional
+        ``pending_files(association_id) -> bool``: True while the spool still holds files of
+        the association. ``None`` records closes at once.
+    poll_seconds : float
+        How often deferred closes are re-checked.
     """
 
-    def __init__(self, repository: Any) -> None:
+    def __init__(
+        self,
+        repository: Any,
+        *,
+        pending_files: Callable[[str], bool] | None = None,
+        poll_seconds: float = 0.5,
+    ) -> None:
         self._repository = repository
+        self._pending_files = pending_files
+        self._poll = poll_seconds
         self._queue: queue.Queue[tuple[str, tuple[Any, ...]] | None] = queue.Queue()
+        self._deferred: list[str] = []
         self._thread = threading.Thread(target=self._run, name="association-facts", daemon=True)
         self._thread.start()
 
     def opened(self, association_id: str, calling_ae: str, at: dt.datetime) -> None:
         self._queue.put(("opened", (association_id, calling_ae, at)))
 
+    def touched(self, association_id: str, series_uid: str, at: dt.datetime) -> None:
+        self._queue.put(("touched", (association_id, series_uid, at)))
+
     def closed(self, association_id: str, at: dt.datetime) -> None:
         self._queue.put(("closed", (association_id, at)))
 
+    def _write(self, kind: str, args: tuple[Any, ...]) -> None:
+        try:
+            if kind == "opened":
+                self._repository.association_opened(args[0], calling_ae=args[1], now=args[2])
+            elif kind == "touched":
+                self._repository.association_touched_series(args[0], [args[1]], now=args[2])
+            else:
+                self._repository.association_closed(args[0])
+        except Exception as exc:  # facts are best effort; association_timeout covers gaps
+            log.warning("could not record association %s %s: %s", args[0][:8], kind, exc)
+
+    def _flush_deferred(self, force: bool = False) -> None:
+        still: list[str] = []
+        for assoc_id in self._deferred:
+            waiting = False
+            if not force and self._pending_files is not None:
+                try:
+                    waiting = self._pending_files(assoc_id)
+                except OSError:
+                    waiting = True
+            if waiting:
+                still.append(assoc_id)
+            else:
+                self._write("closed", (assoc_id,))
+        self._deferred = still
+
     def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            kind, args = item
+        while True:
             try:
-                if kind == "opened":
-                    self._repository.association_opened(args[0], calling_ae=args[1])
-                else:
-                    self._repository.association_closed(args[0])
-            except Exception as exc:  # facts are best effort; ingest and timeouts cover gaps
-                log.warning("could not record association %s %s: %s", args[0][:8], kind, exc)
+                item = self._queue.get(timeout=self._poll if self._deferred else None)
+            except queue.Empty:
+                self._flush_deferred()
+                continue
+            if item is None:
+                return
+            kind, args = item
+            if kind == "closed":
+                self._deferred.append(args[0])
+                self._flush_deferred()
+            else:
+                self._write(kind, args)
 
     def close(self, timeout: float = 5.0) -> None:
-        """Write what is queued, then stop the thread."""
+        """Write what is queued and stop the thread (deferred closes stay open: the
+        association rows of a stopped receiver expire through ``association_timeout``)."""
         self._queue.put(None)
         self._thread.join(timeout)
 
@@ -230,6 +287,7 @@ class AssociationInfo:
     stored_bytes: int = 0
     refused_full: int = 0
     closed: bool = False
+    series: set[str] = field(default_factory=set)
 
     @property
     def label(self) -> str:
@@ -273,11 +331,15 @@ class AssociationTracker:
             self._facts.opened(info.association_id, info.calling_ae, dt.datetime.now(dt.UTC))
         return info
 
-    def note_stored(self, assoc: Any, size: int) -> None:
-        """Count one spooled instance."""
+    def note_stored(self, assoc: Any, size: int, series_uid: str = "") -> None:
+        """Count one spooled instance; report a series the association had not sent yet."""
         info = self.info(assoc)
         info.stored += 1
         info.stored_bytes += size
+        if series_uid and series_uid not in info.series:
+            info.series.add(series_uid)
+            if self._facts is not None:
+                self._facts.touched(info.association_id, series_uid, dt.datetime.now(dt.UTC))
 
     def note_refused(self, assoc: Any, reason: str) -> None:
         """Count one instance refused for lack of space (logged once per association)."""

@@ -135,7 +135,7 @@ def handle_store(event: Event, spool: Spool, tracker: AssociationTracker) -> int
         dataset = request.DataSet.getvalue()  # type: ignore[union-attr]
         transfer_syntax = event.context.transfer_syntax
         try:
-            check_dataset(dataset, transfer_syntax, affected)
+            _study, series_uid, _sop = check_dataset(dataset, transfer_syntax, affected)
         except InvalidInstanceError as exc:
             log.warning("store from %s refused (0x%04X): %s [%s]", info.label, exc.status, exc, affected)
             return exc.status
@@ -154,7 +154,7 @@ def handle_store(event: Event, spool: Spool, tracker: AssociationTracker) -> int
         except OSError as exc:
             log.error("store from %s: spool write failed (0xA700): %s", info.label, exc)
             return status.OUT_OF_RESOURCES
-        tracker.note_stored(event.assoc, len(dataset))
+        tracker.note_stored(event.assoc, len(dataset), series_uid)
         return status.SUCCESS
     except Exception:  # never raise out of an intervention handler
         log.exception("store: unexpected error, answering 0xC000")

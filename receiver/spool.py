@@ -352,7 +352,11 @@ class Spool:
         for name in names:
             entry = SpoolEntry.parse(self.ready_dir / name)
             if entry is None:
-                self._reject_path(self.ready_dir / name, "file name is not a spool entry")
+                if worker_index == 0:  # one worker cleans up, the others skip it
+                    try:
+                        self._reject_path(self.ready_dir / name, "file name is not a spool entry")
+                    except FileNotFoundError:
+                        pass
                 continue
             if worker_count > 1 and zlib.crc32(entry.sop_uid.encode()) % worker_count != worker_index:
                 continue
@@ -360,6 +364,11 @@ class Spool:
             if limit is not None and len(out) >= limit:
                 break
         return out
+
+    def has_files_of(self, association_id: str) -> bool:
+        """True while ``ready/`` holds a file delivered by this association."""
+        needle = f"_{association_id}_"
+        return any(needle in name for name in self._ready_names())
 
     def count(self) -> int:
         """Number of files waiting in ``ready/``."""

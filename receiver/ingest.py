@@ -1,0 +1,558 @@
+"""Ingest: move acknowledged instances from the spool into the object store and the records.
+
+Runs in worker processes separate from the SCP (pynetdicom's association threads share one
+GIL, storage_perf.md §3.7/§4, so parsing and hashing there would slow every C-STORE), or
+in-process for tests (:meth:`Ingester.run_once`).
+
+For every spool file, oldest first (:meth:`receiver.spool.Spool.pending`):
+
+1. parse the header from the bytes (``dcmread(..., stop_before_pixels=True, specific_tags=...)``;
+   pixel data is never loaded), and hash the raw bytes (SHA-256);
+2. put the bytes under the immutable key ``instances/{study}/{series}/{sop}.dcm`` with
+   ``put_if_absent``. If that key holds other bytes (a re-send with different content), put
+   them under :func:`storage.keys.instance_version_key` instead; identical bytes are a no-op;
+3. every ``batch_size`` instances or ``batch_seconds`` after the first, whichever comes first,
+   ``Repository.record_instances`` in one transaction (which decides new / duplicate / new
+   version from the hashes);
+4. only then delete the batch's spool files.
+
+If the object store or the database is unreachable, nothing is deleted: the worker logs one
+line when the outage starts and one when it ends, backs off (0.25 s doubling to
+``backoff_max``) and retries the same step, so every acknowledged file is delivered once they
+return. A file that can never be ingested (it does not parse, or its UIDs are invalid) moves
+to ``spool/rejected/`` with a reason; it is never deleted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import multiprocessing
+import multiprocessing.context
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from pydicom import dcmread
+
+from storage.errors import InvalidKeyError, ObjectExistsError, ObjectStoreUnavailableError, RecordError
+from storage.keys import instance_key, instance_version_key
+from storage.repository import InstanceIn, RecordOutcome, RecordStatus
+
+if TYPE_CHECKING:
+    from storage.objects import ObjectStore
+    from storage.repository import Repository
+
+    from receiver.spool import Spool, SpoolEntry
+
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_BATCH_SECONDS",
+    "IngestOptions",
+    "Ingester",
+    "BatchReport",
+    "StorageFactory",
+    "IngestPool",
+    "start_ingest_processes",
+    "read_instance",
+]
+
+log = logging.getLogger("receiver.ingest")
+
+DEFAULT_BATCH_SIZE = 200
+"""Instances recorded per transaction at most."""
+
+DEFAULT_BATCH_SECONDS = 0.2
+"""A batch is recorded at the latest this long after its first instance was prepared."""
+
+_T = TypeVar("_T")
+
+# The header elements ingest reads (PS3.3 C.7.1.1 Patient, C.7.2.1 General Study, C.7.3.1
+# General Series, C.7.6.1 General Image, C.12.1 SOP Common), nothing else.
+_HEADER_TAGS = [
+    "SpecificCharacterSet",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "Modality",
+    "ReferringPhysicianName",
+    "StudyDescription",
+    "SeriesDescription",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "BodyPartExamined",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SeriesNumber",
+    "InstanceNumber",
+]
+
+
+class StorageFactory(Protocol):
+    """Opens the object store and repository inside a worker process (must be picklable).
+
+    Example: ``functools.partial(open_storage, settings)`` with a module-level
+    ``open_storage(settings) -> (ObjectStore, Repository)``.
+    """
+
+    def __call__(self) -> tuple[ObjectStore, Repository]: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class IngestOptions:
+    """Tuning of an ingest worker.
+
+    Attributes
+    ----------
+    batch_size : int
+        Instances per ``record_instances`` call at most.
+    batch_seconds : float
+        Record a batch at the latest this long after its first instance.
+    poll_seconds : float
+        Pause between spool scans when idle.
+    backoff_max : float
+        Longest pause between retries during an outage.
+    """
+
+    batch_size: int = DEFAULT_BATCH_SIZE
+    batch_seconds: float = DEFAULT_BATCH_SECONDS
+    poll_seconds: float = 0.02
+    backoff_max: float = 10.0
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    """What one recorded batch did (also the one log line per batch)."""
+
+    worker: int
+    count: int
+    new: int
+    duplicate: int
+    new_version: int
+    rejected: int
+    size: int
+    seconds: float
+
+    def line(self) -> str:
+        """The log line."""
+        return (
+            f"ingest[{self.worker}]: {self.count} instances ({self.new} new, {self.duplicate} duplicate, "
+            f"{self.new_version} new version{'s' if self.new_version != 1 else ''}"
+            f"{f', {self.rejected} rejected' if self.rejected else ''}), "
+            f"{self.size / 1e6:.1f} MB in {self.seconds:.2f} s"
+        )
+
+
+def _text(ds: Any, keyword: str) -> str:
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    return str(value).strip("\0 ")
+
+
+def _int(ds: Any, keyword: str) -> int | None:
+    value = ds.get(keyword)
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def read_instance(raw: bytes, entry: SpoolEntry) -> tuple[InstanceIn, str]:
+    """Parse the header of a spooled file into an :class:`~storage.repository.InstanceIn`.
+
+    Parameters
+    ----------
+    raw : bytes
+        The PS3.10 file bytes.
+    entry : SpoolEntry
+        Its spool entry (receive time, calling AE).
+
+    Returns
+    -------
+    (InstanceIn, sha256) : tuple
+        The instance with ``object_key`` set to the immutable key, and the hex SHA-256.
+
+    Raises
+    ------
+    InvalidKeyError
+        If a UID is missing or invalid (PS3.5 §9.1).
+    Exception
+        Whatever pydicom raises on bytes that do not parse.
+    """
+    ds = dcmread(io.BytesIO(raw), stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+    meta = ds.file_meta
+    study, series, sop = _text(ds, "StudyInstanceUID"), _text(ds, "SeriesInstanceUID"), _text(ds, "SOPInstanceUID")
+    key = instance_key(study, series, sop)  # validates all three
+    sha = hashlib.sha256(raw).hexdigest()
+    return (
+        InstanceIn(
+            study_uid=study,
+            series_uid=series,
+            sop_uid=sop,
+            sha256=sha,
+            size=len(raw),
+            object_key=key,
+            received_at=entry.received_at,
+            sop_class_uid=_text(ds, "SOPClassUID") or str(getattr(meta, "MediaStorageSOPClassUID", "") or ""),
+            transfer_syntax_uid=str(getattr(meta, "TransferSyntaxUID", "") or ""),
+            instance_number=_int(ds, "InstanceNumber"),
+            calling_ae=entry.calling_ae,
+            patient_id=_text(ds, "PatientID"),
+            patient_name=_text(ds, "PatientName"),
+            patient_birth_date=_text(ds, "PatientBirthDate"),
+            patient_sex=_text(ds, "PatientSex"),
+            study_date=_text(ds, "StudyDate"),
+            study_time=_text(ds, "StudyTime"),
+            study_description=_text(ds, "StudyDescription"),
+            accession_number=_text(ds, "AccessionNumber"),
+            referring_physician=_text(ds, "ReferringPhysicianName"),
+            modality=_text(ds, "Modality"),
+            series_number=_int(ds, "SeriesNumber"),
+            series_description=_text(ds, "SeriesDescription"),
+            body_part=_text(ds, "BodyPartExamined"),
+        ),
+        sha,
+    )
+
+
+class _Stopped(Exception):
+    """Raised inside a retry loop when the worker was asked to stop."""
+
+
+class Ingester:
+    """One ingest worker: spool → object store → records (see the module docstring).
+
+    Parameters
+    ----------
+    spool : Spool
+        The receive spool.
+    store : ObjectStore
+        Where instance objects go.
+    repository : Repository
+        Where instances are recorded.
+    worker_index, worker_count : int
+        This worker's share of the spool (files are split by SOP Instance UID).
+    options : IngestOptions
+        Batch sizes and timings.
+    should_stop : callable, optional
+        Polled between steps; when it returns True the worker stops after the current batch
+        (and immediately during an outage, leaving the files in the spool).
+    """
+
+    def __init__(
+        self,
+        spool: Spool,
+        store: ObjectStore,
+        repository: Repository,
+        *,
+        worker_index: int = 0,
+        worker_count: int = 1,
+        options: IngestOptions = IngestOptions(),
+        should_stop: Callable[[], bool] | None = None,
+    ) -> None:
+        self.spool = spool
+        self.store = store
+        self.repository = repository
+        self.worker_index = worker_index
+        self.worker_count = worker_count
+        self.options = options
+        self._should_stop = should_stop or (lambda: False)
+        self._outage: str | None = None
+        self.reports: list[BatchReport] = []
+
+    # -- retries ------------------------------------------------------------------------------
+
+    def _retry(self, what: str, fn: Callable[[], _T]) -> _T:
+        """Run ``fn`` until it succeeds, backing off while the store or database is down."""
+        delay = 0.25
+        while True:
+            try:
+                result = fn()
+            except (ObjectStoreUnavailableError, RecordError, OSError) as exc:
+                self._outage_started(what, exc)
+            except Exception as exc:
+                if not _is_db_outage(exc):
+                    raise
+                self._outage_started(what, exc)
+            else:
+                if self._outage is not None:
+                    log.warning("ingest[%d]: %s works again; resuming", self.worker_index, self._outage)
+                    self._outage = None
+                return result
+            if self._should_stop():
+                raise _Stopped
+            time.sleep(delay)
+            delay = min(delay * 2, self.options.backoff_max)
+
+    def _outage_started(self, what: str, exc: BaseException) -> None:
+        if self._outage is None:
+            self._outage = what
+            log.error(
+                "ingest[%d]: %s unavailable, keeping files in the spool and retrying: %s: %s",
+                self.worker_index,
+                what,
+                type(exc).__name__,
+                str(exc).splitlines()[0] if str(exc) else "",
+            )
+
+    # -- one instance -------------------------------------------------------------------------
+
+    def _store_object(self, raw: bytes, item: InstanceIn) -> InstanceIn:
+        """Put the bytes under the immutable key, or beside it as a version if the key differs."""
+        try:
+            self.store.put_if_absent(item.object_key, raw)
+            return item
+        except ObjectExistsError:
+            pass
+        existing = self.store.get(item.object_key)
+        if hashlib.sha256(existing).hexdigest() == item.sha256:
+            return item  # identical bytes already stored: a replay or a re-send
+        key = instance_version_key(item.study_uid, item.series_uid, item.sop_uid, item.sha256)
+        try:
+            self.store.put_if_absent(key, raw)
+        except ObjectExistsError:
+            pass  # the key is named by the hash: whatever is there holds these bytes
+        return _with_key(item, key)
+
+    def _prepare(self, entry: SpoolEntry) -> tuple[InstanceIn, int] | None:
+        """Parse, hash and store one spool file; ``None`` if it was rejected."""
+        try:
+            raw = entry.path.read_bytes()
+        except FileNotFoundError:
+            return None  # taken care of by an earlier run (deleted after recording)
+        try:
+            item, _sha = read_instance(raw, entry)
+        except InvalidKeyError as exc:
+            self.spool.reject(entry, f"invalid UID: {exc}")
+            return None
+        except Exception as exc:
+            self.spool.reject(entry, f"does not parse: {type(exc).__name__}: {exc}")
+            return None
+        stored = self._retry("object store", lambda: self._store_object(raw, item))
+        return stored, len(raw)
+
+    # -- batches ------------------------------------------------------------------------------
+
+    def _record(self, items: list[InstanceIn]) -> list[RecordOutcome]:
+        return self._retry("database", lambda: self.repository.record_instances(items))
+
+    def run_once(self, *, wait: bool = False) -> BatchReport | None:
+        """Ingest one batch of what is waiting; ``None`` when there was nothing.
+
+        Parameters
+        ----------
+        wait : bool
+            Keep collecting for up to ``batch_seconds`` after the first file (the background
+            loop does this); ``False`` takes only what is there now.
+        """
+        opts = self.options
+        entries: list[SpoolEntry] = []
+        items: list[InstanceIn] = []
+        size = 0
+        rejected = 0
+        taken: set[str] = set()
+        started = time.monotonic()
+        deadline: float | None = None
+        while len(entries) < opts.batch_size:
+            fresh = [
+                e
+                for e in self.spool.pending(
+                    opts.batch_size + len(taken),
+                    worker_index=self.worker_index,
+                    worker_count=self.worker_count,
+                )
+                if e.name not in taken
+            ][: opts.batch_size - len(entries)]
+            for entry in fresh:
+                taken.add(entry.name)
+                prepared = self._prepare(entry)
+                if prepared is None:
+                    rejected += 1
+                    continue
+                entries.append(entry)
+                items.append(prepared[0])
+                size += prepared[1]
+                if deadline is None:
+                    deadline = time.monotonic() + opts.batch_seconds
+            now = time.monotonic()
+            if not wait or self._should_stop():
+                if not fresh:
+                    break
+                continue
+            if deadline is not None and now >= deadline:
+                break
+            if not fresh:
+                if deadline is None:
+                    break  # nothing at all: let the caller idle
+                time.sleep(opts.poll_seconds)
+        if not items:
+            return None if not rejected else BatchReport(self.worker_index, 0, 0, 0, 0, rejected, 0, 0.0)
+        outcomes = self._record(items)
+        self.spool.remove(entries)
+        counts = {s: 0 for s in RecordStatus}
+        for outcome in outcomes:
+            counts[outcome.status] += 1
+        report = BatchReport(
+            self.worker_index,
+            len(items),
+            counts[RecordStatus.NEW],
+            counts[RecordStatus.DUPLICATE],
+            counts[RecordStatus.NEW_VERSION],
+            rejected,
+            size,
+            time.monotonic() - started,
+        )
+        self.reports.append(report)
+        log.info("%s", report.line())
+        return report
+
+    def drain(self) -> int:
+        """Ingest everything waiting now (tests, replay); returns the number of instances."""
+        total = 0
+        while (report := self.run_once()) is not None:
+            total += report.count
+        return total
+
+    def run(self) -> None:
+        """Loop until ``should_stop`` returns True, idling ``poll_seconds`` when the spool is empty."""
+        while not self._should_stop():
+            try:
+                report = self.run_once(wait=True)
+            except _Stopped:
+                break
+            if report is None:
+                time.sleep(self.options.poll_seconds)
+        log.info("ingest[%d]: stopped", self.worker_index)
+
+
+def _with_key(item: InstanceIn, key: str) -> InstanceIn:
+    from dataclasses import replace
+
+    return replace(item, object_key=key)
+
+
+def _is_db_outage(exc: BaseException) -> bool:
+    """True for SQLAlchemy errors that mean "database unreachable", not "bad statement"."""
+    try:
+        from sqlalchemy.exc import DBAPIError, OperationalError
+    except ImportError:  # pragma: no cover
+        return False
+    if isinstance(exc, OperationalError):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+# -- processes --------------------------------------------------------------------------------
+
+
+def _process_main(
+    factory: StorageFactory,
+    spool_root: str,
+    worker_index: int,
+    worker_count: int,
+    options: IngestOptions,
+    stop: Any,
+    log_level: int,
+) -> None:
+    """Entry point of one ingest process."""
+    from receiver.spool import Spool
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us through ``stop``
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    delay, failing = 0.25, False
+    while True:  # the store may be down when we start (S3 checks its bucket on open)
+        try:
+            store, repository = factory()
+            break
+        except Exception as exc:
+            if not failing:
+                log.error("ingest[%d]: cannot open storage yet, retrying: %s", worker_index, exc)
+                failing = True
+            if stop.wait(delay):
+                return
+            delay = min(delay * 2, options.backoff_max)
+    spool = Spool(Path(spool_root), min_free_bytes=0, min_free_fraction=0.0)
+    Ingester(
+        spool,
+        store,
+        repository,
+        worker_index=worker_index,
+        worker_count=worker_count,
+        options=options,
+        should_stop=stop.is_set,
+    ).run()
+
+
+class IngestPool:
+    """Ingest worker processes started by :func:`start_ingest_processes`."""
+
+    def __init__(self, processes: list[multiprocessing.process.BaseProcess], stop: Any) -> None:
+        self.processes = processes
+        self._stop = stop
+
+    def alive(self) -> bool:
+        """True while every worker runs."""
+        return all(p.is_alive() for p in self.processes)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Ask the workers to finish their batch and exit; terminate those that do not."""
+        self._stop.set()
+        deadline = time.monotonic() + timeout
+        for p in self.processes:
+            p.join(max(0.0, deadline - time.monotonic()))
+        for p in self.processes:
+            if p.is_alive():
+                log.warning("ingest process %s did not stop; terminating it", p.pid)
+                p.terminate()
+                p.join(5)
+
+
+def start_ingest_processes(
+    factory: StorageFactory,
+    spool_root: Path,
+    count: int = 1,
+    *,
+    options: IngestOptions = IngestOptions(),
+    log_level: int = logging.INFO,
+) -> IngestPool:
+    """Start ``count`` ingest worker processes (spawned, so no SCP thread is forked).
+
+    Parameters
+    ----------
+    factory : StorageFactory
+        Picklable callable returning ``(ObjectStore, Repository)``, run in each process.
+    spool_root : Path
+        The spool folder.
+    count : int
+        Number of processes (the spool is split among them by SOP Instance UID).
+    options : IngestOptions
+        Batch tuning.
+    log_level : int
+        Logging level in the workers.
+    """
+    if count < 1:
+        raise ValueError("count must be >= 1")
+    ctx = multiprocessing.get_context("spawn")
+    stop = ctx.Event()
+    processes = []
+    for index in range(count):
+        p = ctx.Process(
+            target=_process_main,
+            args=(factory, os.fspath(spool_root), index, count, options, stop, log_level),
+            name=f"dcmflow-ingest-{index}",
+            daemon=True,
+        )
+        p.start()
+        processes.append(p)
+    return IngestPool(processes, stop)

@@ -1,0 +1,185 @@
+"""Run a whole receiver: spool recovery, ingest worker processes and the SCP, and stop them cleanly.
+
+Start order (so nothing acknowledged can be lost or processed twice at once):
+
+1. take the spool lock (one receiver per spool) and :meth:`~receiver.spool.Spool.recover`
+   (delete never-acknowledged temp files; ``ready/`` files are replayed by ingest);
+2. start the ingest processes (spawned before any SCP thread exists);
+3. start the SCP.
+
+Stop order: SCP (no new associations; running ones end), association facts, then ingest
+workers finish their current batch; what is left stays in the spool for the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from receiver.associations import (
+    DEFAULT_TRUSTED_NETWORKS,
+    AssociationTracker,
+    CallerPolicy,
+    PeerEntry,
+    RepositoryFacts,
+)
+from receiver.ingest import IngestOptions, IngestPool, StorageFactory, start_ingest_processes
+from receiver.scp import ScpConfig, start_scp
+from receiver.spool import DEFAULT_MIN_FREE_BYTES, DEFAULT_MIN_FREE_FRACTION, Spool
+
+if TYPE_CHECKING:
+    from pynetdicom.transport import ThreadedAssociationServer
+    from storage.repository import Repository
+
+__all__ = ["ReceiverConfig", "Receiver"]
+
+log = logging.getLogger("receiver")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReceiverConfig:
+    """Everything a receiver needs besides storage (built from Settings at the entry point).
+
+    Attributes
+    ----------
+    scp : ScpConfig
+        AE title, bind address and port, called-AE check, limits, TLS.
+    spool_dir : Path
+        The spool folder.
+    min_free_bytes, min_free_fraction
+        Spool disk watermark (0xA700 below it).
+    accept_any : bool
+        Accept associations from any caller.
+    trusted_networks : sequence of str
+        Callers from these CIDR networks are always accepted (default loopback).
+    ingest_workers : int
+        Number of ingest processes.
+    ingest : IngestOptions
+        Batch tuning.
+    """
+
+    scp: ScpConfig = field(default_factory=ScpConfig)
+    spool_dir: Path
+    min_free_bytes: int = DEFAULT_MIN_FREE_BYTES
+    min_free_fraction: float = DEFAULT_MIN_FREE_FRACTION
+    accept_any: bool = False
+    trusted_networks: Sequence[str] = DEFAULT_TRUSTED_NETWORKS
+    ingest_workers: int = 1
+    ingest: IngestOptions = field(default_factory=IngestOptions)
+
+
+def _peers_of(repository: Repository) -> Callable[[], list[PeerEntry]]:
+    def load() -> list[PeerEntry]:
+        return [PeerEntry(p.ae_title, p.host) for p in repository.list_peers() if p.allow_send]
+
+    return load
+
+
+class Receiver:
+    """A running receiver (SCP + ingest processes) in this process.
+
+    Parameters
+    ----------
+    config : ReceiverConfig
+        What to run.
+    storage : StorageFactory
+        Picklable; opens ``(ObjectStore, Repository)`` in each ingest process.
+    repository : Repository, optional
+        Used here for peers and association facts; ``None`` means peers are unknown (only
+        trusted networks or ``accept_any``) and no facts are recorded.
+    """
+
+    def __init__(self, config: ReceiverConfig, storage: StorageFactory, repository: Any = None) -> None:
+        self.config = config
+        self.storage = storage
+        self.repository = repository
+        self.spool = Spool(
+            config.spool_dir, min_free_bytes=config.min_free_bytes, min_free_fraction=config.min_free_fraction
+        )
+        self.facts: RepositoryFacts | None = None
+        self.pool: IngestPool | None = None
+        self.server: ThreadedAssociationServer | None = None
+        self._stop = threading.Event()
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful with port 0)."""
+        assert self.server is not None
+        return int(self.server.server_address[1])
+
+    def start(self, *, log_level: int = logging.INFO) -> None:
+        """Recover the spool, start ingest processes, then the SCP.
+
+        Raises
+        ------
+        SpoolLockedError
+            If another receiver uses the spool.
+        ConfigError, OSError
+            On bad TLS files or a port that cannot be bound.
+        """
+        cfg = self.config
+        self.spool.lock()
+        deleted, pending = self.spool.recover()
+        if deleted or pending:
+            log.info("spool %s: %d unacknowledged temp files deleted, %d instances to replay", self.spool.root, deleted, pending)
+        if cfg.ingest_workers > 0:
+            self.pool = start_ingest_processes(
+                self.storage, cfg.spool_dir, cfg.ingest_workers, options=cfg.ingest, log_level=log_level
+            )
+        peers = _peers_of(self.repository) if self.repository is not None else None
+        if self.repository is not None:
+            self.facts = RepositoryFacts(self.repository, pending_files=self.spool.has_files_of)
+        policy = CallerPolicy(accept_any=cfg.accept_any, trusted_networks=cfg.trusted_networks, peers=peers)
+        tracker = AssociationTracker(self.facts)
+        try:
+            self.server = start_scp(cfg.scp, self.spool, tracker, policy)
+        except BaseException:
+            self.stop()
+            raise
+        log.info(
+            "receiving as %s on %s:%d (%s); spool %s; %d ingest process%s",
+            cfg.scp.ae_title,
+            cfg.scp.host or "*",
+            self.port,
+            "any caller" if cfg.accept_any else f"trusted {', '.join(cfg.trusted_networks)} + peers",
+            self.spool.root,
+            cfg.ingest_workers,
+            "" if cfg.ingest_workers == 1 else "es",
+        )
+
+    def stop(self) -> None:
+        """Stop the SCP, flush facts, stop ingest (idempotent)."""
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+        if self.facts is not None:
+            self.facts.close()
+            self.facts = None
+        if self.pool is not None:
+            self.pool.stop()
+            self.pool = None
+        self.spool.unlock()
+
+    def request_stop(self, *_: Any) -> None:
+        """Ask :meth:`serve_forever` to return (safe from a signal handler)."""
+        self._stop.set()
+
+    def serve_forever(self) -> None:
+        """Start, wait for SIGINT/SIGTERM (or :meth:`request_stop`), then stop cleanly."""
+        previous = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self.start()
+            while not self._stop.wait(1.0):
+                if self.pool is not None and not self.pool.alive():
+                    log.error("an ingest process died; stopping the receiver")
+                    break
+            log.info("stopping")
+        finally:
+            self.stop()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
