@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
+from rich.text import Text
 from rich.tree import Tree
 
 from dcmflow.cli._common import load_settings
@@ -70,7 +71,7 @@ def install(
         repository, store = _storage(settings)
         result = install_service(spec, services_dir=settings.services_dir, repository=repository, store=store)
     for warning in result.warnings:
-        info(f"[yellow]warning:[/yellow] {warning}")
+        info(f"warning: {warning}")
     if as_json:
         emit_one(result, True)
         return
@@ -203,24 +204,25 @@ def _plan_from_store(series_uid: str, repository: Repository, store: ObjectStore
 
 
 def _render(plan: SeriesPlan) -> None:
-    tree = Tree(
-        f"[bold]series {plan.series_uid}[/bold]  {plan.modality} "
-        f"{plan.description!r}  {plan.instances} instance{'s' if plan.instances != 1 else ''}"
-    )
-    runs = tree.add(f"[green]will run[/green] ({len(plan.selected)}, ready order)")
+    """The plan as a rich tree; Text objects, so brackets in names or reasons print as-is."""
+    plural = "s" if plan.instances != 1 else ""
+    tree = Tree(Text.assemble((f"series {plan.series_uid}", "bold"),
+                              f"  {plan.modality} {plan.description!r}  {plan.instances} instance{plural}"))
+    runs = tree.add(Text(f"will run ({len(plan.selected)}, ready order)", style="green"))
     for index, job in enumerate(plan.selected, 1):
         deps = f"  after {', '.join(job['dependsOn'])}" if job["dependsOn"] else ""
-        runs.add(
-            f"{index}. [bold]{job['job']}[/bold] ({job['service']})  priority {job['priority']}, "
-            f"sortPosition {job['sortPosition']}{deps}  added_params {json.dumps(job['added_params'])}"
-        )
-    skipped = tree.add(f"[red]will not run[/red] ({len(plan.rejected)})")
+        runs.add(Text.assemble(
+            f"{index}. ", (str(job["job"]), "bold"),
+            f" ({job['service']})  priority {job['priority']}, sortPosition {job['sortPosition']}{deps}"
+            f"  added_params {json.dumps(job['added_params'])}",
+        ))
+    skipped = tree.add(Text(f"will not run ({len(plan.rejected)})", style="red"))
     for job in plan.rejected:
-        skipped.add(f"[bold]{job['job']}[/bold] ({job['service']}): {job['reason']}")
-    dag = tree.add("DAG levels (jobs in one level may run together)")
+        skipped.add(Text.assemble((str(job["job"]), "bold"), f" ({job['service']}): {job['reason']}"))
+    dag = tree.add(Text("DAG levels (jobs in one level may run together)"))
     for depth, level in enumerate(plan.levels):
-        dag.add(f"level {depth}: {', '.join(level)}")
-    stdout.print(tree)
+        dag.add(Text(f"level {depth}: {', '.join(level)}"))
+    stdout.print(tree, soft_wrap=True)
 
 
 @app.command()
