@@ -222,7 +222,7 @@ def _render(plan: SeriesPlan) -> None:
     dag = tree.add(Text("DAG levels (jobs in one level may run together)"))
     for depth, level in enumerate(plan.levels):
         dag.add(Text(f"level {depth}: {', '.join(level)}"))
-    stdout.print(tree, soft_wrap=True)
+    stdout.print(tree)
 
 
 @app.command()
