@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from dcmflow import __version__
-from dcmflow.cli import db, selfcheck
+from dcmflow.cli import db, selfcheck, services
 
 app = typer.Typer(
     name="dcmflow",
@@ -32,6 +32,7 @@ def version() -> None:
 
 
 app.add_typer(db.app, name="db")
+app.add_typer(services.app, name="services")
 app.command(name="selfcheck")(selfcheck.selfcheck)
 
 
