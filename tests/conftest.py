@@ -103,3 +103,23 @@ def postgres_url() -> Iterator[str]:
     finally:
         with _pg_admin_connect() as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A real Prefect server (subprocess, own SQLite database) shared by the session."""
+    from tests.prefect_server import start_prefect_server
+
+    server = start_prefect_server(tmp_path_factory.mktemp("prefect-home"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def prefect_env(prefect_server, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """Point this test (and subprocesses it starts) at the session's Prefect server."""
+    for key, value in prefect_server.env().items():
+        monkeypatch.setenv(key, value)
+    return prefect_server

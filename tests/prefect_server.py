@@ -1,0 +1,96 @@
+"""A real Prefect server for the tests, started once per session in a subprocess.
+
+Starting one takes 15-20 s on these machines (fresh SQLite database and migrations), so the
+session shares it; tests isolate themselves by using their own flow/series names.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["PrefectServer", "start_prefect_server"]
+
+
+@dataclass
+class PrefectServer:
+    """A running ``prefect server start`` subprocess."""
+
+    api_url: str
+    home: Path
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def stop(self) -> None:
+        """Terminate the server and wait for it to exit."""
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def env(self) -> dict[str, str]:
+        """Environment variables that point a client or a subprocess at this server."""
+        return {
+            "PREFECT_API_URL": self.api_url,
+            "PREFECT_HOME": str(self.home),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "DO_NOT_TRACK": "1",
+        }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_prefect_server(home: Path, *, timeout: float = 90.0) -> PrefectServer:
+    """Start ``prefect server start`` with its own PREFECT_HOME and SQLite database.
+
+    Raises
+    ------
+    RuntimeError
+        If the server does not answer ``/api/health`` within ``timeout`` seconds; the
+        message carries the tail of its log.
+    """
+    home.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_UI_ENABLED="false",
+        DO_NOT_TRACK="1",
+    )
+    log_path = home / "server.log"
+    log = log_path.open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    api_url = f"http://127.0.0.1:{port}/api"
+    server = PrefectServer(api_url, home, process, log_path)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            break
+        try:
+            with urllib.request.urlopen(f"{api_url}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return server
+        except OSError:
+            time.sleep(0.5)
+    server.stop()
+    tail = log_path.read_text(errors="replace")[-2000:]
+    raise RuntimeError(f"Prefect server did not become healthy within {timeout:.0f} s:\n{tail}")
