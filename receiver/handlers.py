@@ -182,11 +182,15 @@ def handle_requested(event: Event, policy: CallerPolicy, tracker: AssociationTra
             log.warning("association from %s@%s rejected: %s", calling, address, reason)
             # PS3.8 Table 9-21: 0x01 rejected-permanent, 0x01 service-user, 0x03 calling AE not recognized
             assoc.acse.send_reject(0x01, 0x01, 0x03)
+            # As pynetdicom's own negotiation does after a reject: wait until the DUL has sent
+            # the A-ASSOCIATE-RJ and the peer closed (state Sta1) before the socket is shut.
+            assoc.kill()
     except Exception:
         # A policy failure must not let an unchecked caller in: reject transiently.
         log.exception("association policy failed; rejecting (transient)")
         try:
             event.assoc.acse.send_reject(0x02, 0x01, 0x01)
+            event.assoc.kill()
         except Exception:
             log.exception("could not send A-ASSOCIATE-RJ")
 

@@ -467,6 +467,13 @@ def _process_main(
     """Entry point of one ingest process."""
     from receiver.spool import Spool
 
+    parent = os.getppid()
+
+    def should_stop() -> bool:
+        # Stop when asked, and when the receiver died without asking (SIGKILL): a restarted
+        # receiver starts its own workers, and two workers on one share would race.
+        return bool(stop.is_set()) or os.getppid() != parent
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us through ``stop``
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -479,7 +486,7 @@ def _process_main(
             if not failing:
                 log.error("ingest[%d]: cannot open storage yet, retrying: %s", worker_index, exc)
                 failing = True
-            if stop.wait(delay):
+            if stop.wait(delay) or should_stop():
                 return
             delay = min(delay * 2, options.backoff_max)
     spool = Spool(Path(spool_root), min_free_bytes=0, min_free_fraction=0.0)
@@ -490,7 +497,7 @@ def _process_main(
         worker_index=worker_index,
         worker_count=worker_count,
         options=options,
-        should_stop=stop.is_set,
+        should_stop=should_stop,
     ).run()
 
 

@@ -1,0 +1,127 @@
+"""``dcmflow receive``: run the DICOM receiver (SCP + ingest workers) in the foreground.
+
+Wiring in ``dcmflow/cli/__init__.py``::
+
+    from dcmflow.cli import receive
+    app.command(name="receive")(receive.receive)
+
+It can also run on its own: ``python -m dcmflow.cli.receive --port 11112``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+
+from dcmflow.cli._common import load_settings
+from dcmflow.cli._output import fail
+
+if TYPE_CHECKING:
+    from storage.objects import ObjectStore
+    from storage.repository import Repository
+
+    from dcmflow.settings import Settings
+
+__all__ = ["receive", "open_storage", "app"]
+
+app = typer.Typer(help="Run the DICOM receiver.", pretty_exceptions_enable=False, add_completion=False)
+
+
+def open_storage(settings: Settings) -> tuple[ObjectStore, Repository]:
+    """Object store and repository from settings (module-level so ingest processes can unpickle it)."""
+    from dcmflow.wiring import object_store_from, repository_from
+
+    return object_store_from(settings), repository_from(settings)
+
+
+def _setting(settings: Settings, name: str, default: object) -> object:
+    # Receiver knobs the lead may add to Settings (see receiver/README in the report); until
+    # then the defaults below apply and the command-line options override them.
+    return getattr(settings, name, default)
+
+
+@app.command()
+def receive(
+    port: int | None = typer.Option(None, "--port", "-p", help="TCP port (default DCMFLOW_DICOM_PORT, 11112)."),
+    ae_title: str | None = typer.Option(None, "--ae-title", "-a", help="Our AE title (default DCMFLOW_AE_TITLE)."),
+    host: str = typer.Option("", "--host", help="Bind address (default: all interfaces)."),
+    accept_any: bool = typer.Option(False, "--accept-any", help="Accept associations from any caller."),
+    trusted_network: list[str] = typer.Option(
+        [], "--trusted-network", help="CIDR whose callers are always accepted (repeatable; default loopback)."
+    ),
+    no_called_aet_check: bool = typer.Option(
+        False, "--no-called-aet-check", help="Accept any Called AE Title (checked by default)."
+    ),
+    ingest_workers: int = typer.Option(1, "--ingest-workers", "-w", min=1, help="Ingest worker processes."),
+    min_free_mb: int | None = typer.Option(
+        None, "--min-free-mb", min=0, help="Answer 0xA700 when less than this many MB stay free in the spool."
+    ),
+    tls_cert: Path | None = typer.Option(None, "--tls-cert", help="PEM certificate chain: enables TLS."),
+    tls_key: Path | None = typer.Option(None, "--tls-key", help="PEM private key for --tls-cert."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+) -> None:
+    """Receive DICOM (C-STORE, C-ECHO) until SIGINT/SIGTERM: one log line per association and batch."""
+    from receiver.associations import DEFAULT_TRUSTED_NETWORKS
+    from receiver.errors import ReceiverError
+    from receiver.runner import Receiver, ReceiverConfig
+    from receiver.scp import ScpConfig
+    from receiver.spool import DEFAULT_MIN_FREE_BYTES, DEFAULT_MIN_FREE_FRACTION
+    from storage import db
+    from storage.errors import StorageError
+
+    from dcmflow.wiring import describe_database, repository_from
+
+    settings = load_settings()
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+    try:
+        repository = repository_from(settings)
+        if db.current_revision(repository.engine) != db.head_revision():
+            if repository.engine.dialect.name != "sqlite":
+                fail(f"database {describe_database(settings)} is not migrated: run `dcmflow db upgrade`")
+            db.upgrade(repository.engine)  # the embedded SQLite default migrates itself
+    except StorageError as exc:
+        fail(str(exc))
+    except Exception as exc:
+        fail(f"cannot open {describe_database(settings)}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+
+    networks = trusted_network or list(_setting(settings, "trusted_networks", DEFAULT_TRUSTED_NETWORKS))  # type: ignore[call-overload]
+    config = ReceiverConfig(
+        scp=ScpConfig(
+            ae_title=ae_title or settings.ae_title,
+            host=host,
+            port=settings.dicom_port if port is None else port,
+            require_called_aet=not no_called_aet_check and bool(_setting(settings, "require_called_aet", True)),
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+        ),
+        spool_dir=settings.spool_dir,
+        min_free_bytes=(
+            min_free_mb * 1024 * 1024
+            if min_free_mb is not None
+            else int(_setting(settings, "spool_min_free_bytes", DEFAULT_MIN_FREE_BYTES))  # type: ignore[call-overload]
+        ),
+        min_free_fraction=(
+            0.0 if min_free_mb is not None else float(_setting(settings, "spool_min_free_fraction", DEFAULT_MIN_FREE_FRACTION))  # type: ignore[arg-type]
+        ),
+        accept_any=accept_any or bool(_setting(settings, "accept_any_caller", False)),
+        trusted_networks=tuple(networks),
+        ingest_workers=ingest_workers,
+    )
+    try:
+        Receiver(config, functools.partial(open_storage, settings), repository).serve_forever()
+    except (ReceiverError, StorageError, OSError) as exc:
+        fail(f"{type(exc).__name__}: {exc}")
+
+
+if __name__ == "__main__":
+    app()
