@@ -16,7 +16,8 @@ For every spool file, oldest first (:meth:`receiver.spool.Spool.pending`):
    version from the hashes);
 4. only then delete the batch's spool files.
 
-If the object store or the database is unreachable, nothing is deleted: the worker logs one
+If the object store or the database is unreachable (or fails in any other way but a bad key),
+nothing is deleted: the worker logs one
 line when the outage starts and one when it ends, backs off (0.25 s doubling to
 ``backoff_max``) and retries the same step, so every acknowledged file is delivered once they
 return. A file that can never be ingested (it does not parse, or its UIDs are invalid) moves
@@ -40,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from pydicom import dcmread
 
-from storage.errors import InvalidKeyError, ObjectExistsError, ObjectStoreUnavailableError, RecordError
+from storage.errors import InvalidKeyError, ObjectExistsError, StorageError
 from storage.keys import instance_key, instance_version_key
 from storage.repository import InstanceIn, RecordOutcome, RecordStatus
 
@@ -278,7 +279,11 @@ class Ingester:
         while True:
             try:
                 result = fn()
-            except (ObjectStoreUnavailableError, RecordError, OSError) as exc:
+            except InvalidKeyError:
+                raise
+            except (StorageError, OSError) as exc:
+                # Unavailable stores and refused transactions, but also any other storage
+                # failure: waiting loudly with the files kept beats crashing or dropping them.
                 self._outage_started(what, exc)
             except Exception as exc:
                 if not _is_db_outage(exc):
