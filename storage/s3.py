@@ -231,7 +231,7 @@ class S3ObjectStore(ObjectStore):
                 self.client.put_object(
                     self.bucket,
                     key,
-                    reader,
+                    reader,  # type: ignore[arg-type]  # minio only calls .read(n) on it
                     length=-1 if length is None else length,
                     content_type=content_type or DEFAULT_CONTENT_TYPE,
                     part_size=PART_SIZE,

@@ -52,6 +52,7 @@ def selfcheck(
     from storage import archive, db
     from storage.errors import ObjectExistsError
     from storage.keys import instance_key
+    from storage.objects import ObjectStore
     from storage.repository import Repository
 
     from dcmflow.wiring import describe_database, describe_object_store, object_store_from
@@ -60,25 +61,30 @@ def selfcheck(
     info(f"database:     {describe_database(settings)}")
     info(f"object store: {describe_object_store(settings)}")
     results: list[_Check] = []
-    state: dict[str, object] = {}
+    study, series, sop, data = _synthetic_instance()
+    key = instance_key(study, series, sop)
+    repo: Repository | None = None
+    store: ObjectStore | None = None
 
     def run(name: str, step: Callable[[], str]) -> bool:
         start = time.perf_counter()
         try:
             detail, ok = step(), True
         except Exception as exc:  # every failure becomes one row of the report
-            detail, ok = f"{exc.__class__.__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}", False
+            text = str(exc).strip()
+            detail, ok = f"{exc.__class__.__name__}: {text.splitlines()[0] if text else ''}", False
         results.append(_Check(name, ok, detail, round((time.perf_counter() - start) * 1000, 1)))
         return ok
 
     def database() -> str:
+        nonlocal repo
         engine = db.create_engine(settings.effective_database_url)
         db.upgrade(engine)
-        state["repo"] = Repository(engine)
+        repo = Repository(engine)
         return f"schema at revision {db.current_revision(engine)}"
 
     def records() -> str:
-        repo: Repository = state["repo"]  # type: ignore[assignment]
+        assert repo is not None
         stamp = f"{time.time():.3f}/{uuid.uuid4().hex[:8]}"
         repo.set_setting("selfcheck.last_run", stamp)
         got = repo.get_setting("selfcheck.last_run")
@@ -87,13 +93,9 @@ def selfcheck(
         return "setting written and read back"
 
     def objects() -> str:
+        nonlocal store
         store = object_store_from(settings)
         store.check()
-        state["store"] = store
-        study, series, sop, data = _synthetic_instance()
-        state["uids"], state["data"] = (study, series, sop), data
-        key = instance_key(study, series, sop)
-        state["key"] = key
         put = store.put_if_absent(key, data)
         try:
             store.put_if_absent(key, data)
@@ -108,10 +110,9 @@ def selfcheck(
         return f"{put.size} B written once (second writer refused), read whole and by range"
 
     def series_archive() -> str:
-        store = state["store"]
-        study, series, sop = state["uids"]  # type: ignore[misc]
-        index = archive.pack_series(store, study, series, [state["data"]])  # type: ignore[arg-type,list-item]
-        if archive.read_instance(store, index, sop) != state["data"]:
+        assert store is not None
+        index = archive.pack_series(store, study, series, [data])
+        if archive.read_instance(store, index, sop) != data:
             raise RuntimeError("instance read from the archive differs")
         meta = archive.list_metadata(store, (study, series))
         if len(meta) != 1:
@@ -119,13 +120,12 @@ def selfcheck(
         return "packed, instance read by one ranged GET, metadata read from the index"
 
     def cleanup() -> str:
-        store = state["store"]
-        study, series, _ = state["uids"]  # type: ignore[misc]
-        keys = [state["key"], *(o.key for o in store.list(archive.archive_prefix(study, series)))]  # type: ignore[attr-defined]
+        assert store is not None
+        keys = [key, *(o.key for o in store.list(archive.archive_prefix(study, series)))]
         if keep:
-            return "kept: " + ", ".join(str(k) for k in keys)
-        for key in keys:
-            store.delete(key)  # type: ignore[attr-defined]
+            return "kept: " + ", ".join(keys)
+        for k in keys:
+            store.delete(k)
         return f"{len(keys)} test objects deleted"
 
     if run("database", database):
