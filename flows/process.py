@@ -1,0 +1,159 @@
+"""The processing flows: ``process_series``, ``process_study`` and ``reprocess``.
+
+Each is the same short sequence (STYLE.md §9): load the headers, evaluate callbacks and plan
+the DAG, record a session, materialise the files, run the DAG (:mod:`flows._dag`), publish
+the job table and DAG artifacts, close the session. The flow run ends **Failed** when any
+job failed or timed out (or an output could not be sent), **Completed** otherwise; the Job
+records say what happened to each job.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+from prefect.runtime import flow_run
+from prefect.states import Completed, Failed, State
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from tasks.jobs import finish_session, load_target, materialise, plan_jobs, publish_artifacts, start_session
+
+from flows._dag import run_dag
+from flows._settings import load_settings, max_parallel_jobs
+
+__all__ = ["process_series", "process_study", "reprocess", "run_processing", "MAX_POOL_THREADS"]
+
+MAX_POOL_THREADS = 32
+"""Threads of the flows' task runner; ``max_parallel`` is capped to it."""
+
+
+def _short(uid: str) -> str:
+    return uid if len(uid) <= 14 else "…" + uid[-12:]
+
+
+def _run_name(level: str, uid_param: str) -> Any:
+    def name() -> str:
+        params = flow_run.parameters
+        uid = str(params.get(uid_param, ""))
+        revision = params.get("revision")
+        words = [level]
+        try:
+            from tasks._storage import repository_of
+
+            repository = repository_of(load_settings())
+            if level == "series":
+                record = repository.get_series(uid)
+                if record is not None:
+                    words = [record.modality or "series", repr(record.description or "")]
+                    revision = revision or record.revision
+            else:
+                study = repository.get_study(uid)
+                if study is not None:
+                    words = ["study", study.modalities or "", repr(study.description or "")]
+                    revision = revision or study.revision
+        except Exception:  # noqa: BLE001 - a name must never fail the run
+            pass
+        jobs = params.get("only_jobs")
+        suffix = f" jobs={','.join(jobs)}" if jobs else ""
+        return " ".join(w for w in [*words, _short(uid), f"r{revision or 1}"] if w) + suffix
+
+    return name
+
+
+def run_processing(
+    level: str,
+    uid: str,
+    *,
+    revision: int | None,
+    only_jobs: list[str] | None,
+    trigger: str,
+    max_parallel: int | None,
+) -> State:
+    """The body shared by the flows (call it only inside a flow run)."""
+    settings = load_settings()
+    parallel = min(max_parallel_jobs(settings, max_parallel), MAX_POOL_THREADS)
+    target = load_target(settings, level, uid, revision)
+    planned = plan_jobs(settings, target, only_jobs)
+    run, planned = start_session(settings, target, planned, trigger)
+    failed = True
+    try:
+        materialise(settings, run)
+        outcome = run_dag(settings, run, planned, parallel)
+        failed = bool(outcome.failed or outcome.send_errors)
+    finally:
+        publish_artifacts(settings, run, planned, target)
+        finish_session(settings, run, failed)
+    summary = {
+        "session_id": run.session_id,
+        "level": level,
+        "uid": uid,
+        "jobs": outcome.status,
+        "reasons": outcome.reasons,
+        "send_errors": outcome.send_errors,
+    }
+    if failed:
+        parts = [f"{name} {outcome.status[name].replace('_', ' ')}" for name in outcome.failed]
+        parts += outcome.send_errors
+        return Failed(message=f"{len(outcome.failed)} of {len(planned.jobs)} jobs failed: " + "; ".join(parts), data=summary)
+    return Completed(message=f"{len(planned.jobs)} jobs succeeded", data=summary)
+
+
+@flow(
+    name="process-series",
+    flow_run_name=_run_name("series", "series_uid"),
+    task_runner=ThreadPoolTaskRunner(max_workers=MAX_POOL_THREADS),
+    validate_parameters=True,
+)
+def process_series(
+    series_uid: str,
+    revision: int | None = None,
+    only_jobs: list[str] | None = None,
+    trigger: str = "manual",
+    max_parallel: int | None = None,
+) -> State:
+    """Run every selected series-level job of the installed services on a received series.
+
+    Parameters
+    ----------
+    series_uid
+        Series Instance UID of a received series.
+    revision
+        The series revision this run is for (default: the current one).
+    only_jobs
+        Run only these jobs and what depends on them (``reprocess --job``).
+    trigger
+        Recorded on the session: ``dicom.series.stable``, ``manual``, ``reprocess`` …
+    max_parallel
+        Jobs at once (default ``DCMFLOW_MAX_PARALLEL_JOBS``, else 4).
+    """
+    return run_processing("series", series_uid, revision=revision, only_jobs=only_jobs, trigger=trigger, max_parallel=max_parallel)
+
+
+@flow(
+    name="process-study",
+    flow_run_name=_run_name("study", "study_uid"),
+    task_runner=ThreadPoolTaskRunner(max_workers=MAX_POOL_THREADS),
+)
+def process_study(
+    study_uid: str,
+    revision: int | None = None,
+    only_jobs: list[str] | None = None,
+    trigger: str = "manual",
+    max_parallel: int | None = None,
+) -> State:
+    """Run every selected study-level job (``level: study``) on a received study.
+
+    Headers are the study's first series' representative instance, with ``dcmpath`` =
+    ``dicom/<study>`` (every series in its own sub-folder) and ``seriesIds``.
+    """
+    return run_processing("study", study_uid, revision=revision, only_jobs=only_jobs, trigger=trigger, max_parallel=max_parallel)
+
+
+@flow(
+    name="reprocess",
+    flow_run_name=_run_name("series", "series_uid"),
+    task_runner=ThreadPoolTaskRunner(max_workers=MAX_POOL_THREADS),
+)
+def reprocess(series_uid: str, only_jobs: list[str] | None = None, max_parallel: int | None = None) -> State:
+    """Re-run a series with the current service versions as a new session (optionally some jobs)."""
+    return run_processing("series", series_uid, revision=None, only_jobs=only_jobs, trigger="reprocess", max_parallel=max_parallel)

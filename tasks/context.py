@@ -1,0 +1,337 @@
+"""What a processing run works on: headers of a series or study, the planned jobs, a session.
+
+Plain functions (no Prefect), called by the Prefect tasks in :mod:`tasks.jobs` and tested
+on their own.
+
+Headers follow DESIGN.md: the representative instance (lowest InstanceNumber) as flat DICOM
+keywords, plus ``dcmpath``, ``seriesId``, ``studyId``, ``patientId``. For a series,
+``dcmpath`` is :func:`services_registry.planning.default_dcmpath` (``dicom/<study>/<series>``),
+exactly what ``dcmflow services plan`` shows. For a study it is ``dicom/<study>`` (one
+sub-folder per series) and the headers also carry ``seriesIds`` (G1's list), taken from the
+study's first series.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Collection, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import pydicom
+from pydantic import BaseModel
+
+from services_registry.callbacks import evaluate_callbacks
+from services_registry.dag import plan_dag, to_mermaid
+from services_registry.headers import headers_from_dataset
+from services_registry.planning import default_dcmpath
+from services_registry.runtime import loaded
+from storage.keys import validate_uid
+
+from tasks.errors import SeriesNotFoundError
+
+if TYPE_CHECKING:
+    from services_registry.spec import ServiceSpec
+    from storage.objects import ObjectStore
+    from storage.repository import Repository
+
+__all__ = [
+    "Target",
+    "PlannedJob",
+    "PlannedRun",
+    "SessionRun",
+    "load_series_target",
+    "load_study_target",
+    "plan_target",
+    "open_session",
+    "study_dcmpath",
+]
+
+
+def study_dcmpath(study_uid: str) -> str:
+    """``dcmpath`` of a study materialised under ``$DATA``: ``dicom/<study>`` (series inside)."""
+    return f"dicom/{validate_uid(study_uid, 'Study Instance UID')}"
+
+
+class Target(BaseModel):
+    """The series or study a run processes, and its headers."""
+
+    level: Literal["series", "study"]
+    study_uid: str
+    series_uid: str | None
+    revision: int
+    headers: dict[str, Any]
+    series: list[str]
+    modality: str
+    description: str
+    instances: int
+
+
+class PlannedJob(BaseModel):
+    """One job to run, with what its process needs."""
+
+    name: str
+    service: str
+    service_version: int
+    worker: str
+    depends_on: tuple[str, ...]
+    rank: int
+    sort_position: float
+    timeout: float
+    retries: int
+    retry_delay: float
+    module_dir: str | None
+    params: dict[str, Any] | None = None
+    job_id: int | None = None
+
+
+class PlannedRun(BaseModel):
+    """Jobs in ready order, the final ``added_params``, rejected jobs, the DAG as mermaid."""
+
+    jobs: list[PlannedJob]
+    added_params: dict[str, Any]
+    rejected: list[dict[str, Any]]
+    edges: list[tuple[str, str]]
+    mermaid: str
+
+    def job(self, name: str) -> PlannedJob:
+        """The job called ``name``."""
+        return next(j for j in self.jobs if j.name == name)
+
+
+class SessionRun(BaseModel):
+    """A session's records and folders: what every job of the run shares."""
+
+    session_id: int
+    level: Literal["series", "study"]
+    study_uid: str
+    series_uid: str | None
+    revision: int
+    headers: dict[str, Any]
+    added_params: dict[str, Any]
+    work_dir: str
+    data_dir: str
+    modules_dir: str
+    logs_dir: str
+
+
+def _read_header(store: ObjectStore, key: str) -> pydicom.Dataset:
+    with store.open_stream(key) as stream:
+        return pydicom.dcmread(stream, stop_before_pixels=True)
+
+
+def load_series_target(repository: Repository, store: ObjectStore, series_uid: str, revision: int | None = None) -> Target:
+    """Headers and facts of a received series.
+
+    Raises
+    ------
+    SeriesNotFoundError
+        No such series, or it has no stored instances.
+    """
+    validate_uid(series_uid, "Series Instance UID")
+    series = repository.get_series(series_uid)
+    if series is None:
+        raise SeriesNotFoundError(f"no received series {series_uid}")
+    instances = repository.list_instances(series_uid)
+    if not instances:
+        raise SeriesNotFoundError(f"series {series_uid} has no stored instances")
+    ds = _read_header(store, instances[0].object_key)
+    headers = headers_from_dataset(ds, dcmpath=default_dcmpath(series.study_uid, series_uid))
+    return Target(
+        level="series",
+        study_uid=series.study_uid,
+        series_uid=series_uid,
+        revision=revision if revision is not None else series.revision,
+        headers=headers,
+        series=[series_uid],
+        modality=series.modality or str(headers.get("Modality", "")),
+        description=series.description or str(headers.get("SeriesDescription", "")),
+        instances=len(instances),
+    )
+
+
+def load_study_target(repository: Repository, store: ObjectStore, study_uid: str, revision: int | None = None) -> Target:
+    """Headers and facts of a received study (every series with stored instances).
+
+    Raises
+    ------
+    SeriesNotFoundError
+        No such study, or none of its series has stored instances.
+    """
+    validate_uid(study_uid, "Study Instance UID")
+    study = repository.get_study(study_uid)
+    if study is None:
+        raise SeriesNotFoundError(f"no received study {study_uid}")
+    series = sorted(
+        repository.list_series(limit=10_000, study_uid=study_uid),
+        key=lambda s: (s.number if s.number is not None else 2**31, s.series_uid),
+    )
+    counted = [(s, repository.list_instances(s.series_uid)) for s in series]
+    counted = [(s, inst) for s, inst in counted if inst]
+    if not counted:
+        raise SeriesNotFoundError(f"study {study_uid} has no stored instances")
+    first, instances = counted[0]
+    headers = headers_from_dataset(_read_header(store, instances[0].object_key), dcmpath=study_dcmpath(study_uid))
+    headers["seriesId"] = ""
+    headers["seriesIds"] = [s.series_uid for s, _ in counted]
+    return Target(
+        level="study",
+        study_uid=study_uid,
+        series_uid=None,
+        revision=revision if revision is not None else study.revision,
+        headers=headers,
+        series=[s.series_uid for s, _ in counted],
+        modality=study.modalities or first.modality,
+        description=study.description,
+        instances=sum(len(i) for _, i in counted),
+    )
+
+
+def _with_dependents(names: Collection[str], depends: dict[str, tuple[str, ...]]) -> set[str]:
+    chosen = set(names)
+    changed = True
+    while changed:
+        changed = False
+        for name, deps in depends.items():
+            if name not in chosen and chosen.intersection(deps):
+                chosen.add(name)
+                changed = True
+    return chosen
+
+
+def plan_target(specs: Sequence[ServiceSpec], target: Target, *, only_jobs: Collection[str] | None = None) -> PlannedRun:
+    """Evaluate the callbacks of ``target``'s level and plan the DAG.
+
+    Parameters
+    ----------
+    specs
+        Installed services (:func:`services_registry.install.installed_specs`).
+    target
+        From :func:`load_series_target` / :func:`load_study_target`.
+    only_jobs
+        Re-run only these jobs and everything that depends on them (``dcmflow reprocess
+        --job``); their dependencies outside the set count as done.
+
+    Raises
+    ------
+    SeriesNotFoundError
+        ``only_jobs`` names a job that is not selected for this target.
+    """
+    by_name = {spec.name: spec for spec in specs}
+    with loaded(list(specs)) as services:
+        evaluation = evaluate_callbacks(services, target.headers, level=target.level)
+    selected = list(evaluation.selected)
+    if only_jobs:
+        known = {s.job.job_name for s in selected}
+        missing = sorted(set(only_jobs) - known)
+        if missing:
+            raise SeriesNotFoundError(f"job {missing[0]!r} is not selected for this {target.level} (selected: {', '.join(sorted(known)) or 'none'})")
+        chosen = _with_dependents(only_jobs, {s.job.job_name: s.job.depends_on for s in selected})
+        selected = [
+            s.model_copy(update={"job": s.job.model_copy(update={"depends_on": tuple(d for d in s.job.depends_on if d in chosen)})})
+            for s in selected
+            if s.job.job_name in chosen
+        ]
+    plan = plan_dag(selected)
+    jobs = []
+    for node in plan.nodes:
+        spec = by_name[node.service] if node.service else None
+        module_dir = spec.module_dir if spec is not None else None
+        job_spec = next((j for j in spec.jobs if j.job_name == node.name), None) if spec is not None else None
+        jobs.append(
+            PlannedJob(
+                name=node.name,
+                service=node.service or "",
+                service_version=int(spec.version or 0) if spec is not None and str(spec.version or "0").isdigit() else 0,
+                worker=node.worker,
+                depends_on=node.depends_on,
+                rank=node.rank,
+                sort_position=float(node.sort_position),
+                timeout=node.timeout,
+                retries=node.retries,
+                retry_delay=node.retry_delay,
+                module_dir=str(module_dir) if module_dir is not None else None,
+                params=job_spec.params if job_spec is not None else None,
+            )
+        )
+    return PlannedRun(
+        jobs=jobs,
+        added_params=evaluation.added_params,
+        rejected=[{"job": r.job.job_name, "service": r.service, "reason": r.reason} for r in evaluation.rejected],
+        edges=[tuple(e) for e in plan.edges],
+        mermaid=to_mermaid(plan),
+    )
+
+
+def open_session(
+    repository: Repository,
+    target: Target,
+    planned: PlannedRun,
+    *,
+    sessions_dir: Path,
+    trigger: str,
+    flow_run_id: str | None,
+) -> tuple[SessionRun, PlannedRun]:
+    """Record a Session and one pending Job per planned job; lay out the session's folders.
+
+    Returns
+    -------
+    tuple
+        The session, and ``planned`` with every job's record id filled in.
+    """
+    session = repository.create_session(
+        series_uid=target.series_uid,
+        study_uid=target.study_uid,
+        revision=target.revision,
+        trigger=trigger,
+        flow_run_id=flow_run_id,
+    )
+    from storage.models import JobBase
+
+    records = repository.create_jobs(
+        session.id,
+        [
+            JobBase(
+                service_name=job.service,
+                service_version=job.service_version,
+                job_name=job.name,
+                series_uid=target.series_uid,
+                study_uid=target.study_uid,
+                revision=target.revision,
+                priority_rank=job.rank,
+                timeout_seconds=math.ceil(job.timeout),
+                max_retries=job.retries,
+                flow_run_id=flow_run_id,
+            )
+            for job in planned.jobs
+        ],
+    )
+    ids = {r.job_name: r.id for r in records}
+    planned = planned.model_copy(update={"jobs": [j.model_copy(update={"job_id": ids[j.name]}) for j in planned.jobs]})
+    repository.put_session_data(session.id, "headers", target.headers)
+    repository.put_session_data(session.id, "added_params", planned.added_params)
+    repository.put_session_data(session.id, "rejected", planned.rejected)
+    work = sessions_dir / str(session.id)
+    folders = {name: work / name for name in ("data", "modules", "logs")}
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
+    for job in planned.jobs:  # $MODULES/<service> is the service's module/ folder, as the seed installs it
+        if job.module_dir and job.service:
+            link = folders["modules"] / job.service
+            if not link.exists():
+                os.symlink(job.module_dir, link, target_is_directory=True)
+    run = SessionRun(
+        session_id=session.id,
+        level=target.level,
+        study_uid=target.study_uid,
+        series_uid=target.series_uid,
+        revision=target.revision,
+        headers=target.headers,
+        added_params=planned.added_params,
+        work_dir=str(work),
+        data_dir=str(folders["data"]),
+        modules_dir=str(folders["modules"]),
+        logs_dir=str(folders["logs"]),
+    )
+    return run, planned

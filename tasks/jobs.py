@@ -1,0 +1,345 @@
+"""The Prefect tasks of a processing run. Each takes typed values and does one thing.
+
+============================  ====================================================
+task                          does
+============================  ====================================================
+:func:`load_target`           reads the headers of a series or study
+:func:`plan_jobs`             evaluates callbacks, plans the DAG (no side effect)
+:func:`start_session`         records the Session and its pending Jobs
+:func:`materialise`           puts the received files under ``$DATA/<dcmpath>``
+:func:`run_job`               runs one job in its own process; keeps outputs and log
+:func:`record_skipped`        records jobs that will never run
+:func:`send_outputs`          C-STOREs a job's ``storage`` outputs to a peer
+:func:`publish_artifacts`     job table + DAG markdown on the flow run
+:func:`finish_session`        the session's final state
+============================  ====================================================
+
+Retries and the task-run name of :func:`run_job` come from the job spec through
+``.with_options(retries=…, retry_delay_seconds=…, task_run_name=jobName)`` in the flow;
+the real timeout is the process-group kill in :mod:`tasks.execution`, not Prefect's
+``timeout_seconds`` (reference/prefect.md §4).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from storage.models import JobState, SessionState
+
+from tasks._storage import RuntimeSettings, repository_of, store_of, work_dirs
+from tasks.context import (
+    PlannedJob,
+    PlannedRun,
+    SessionRun,
+    Target,
+    load_series_target,
+    load_study_target,
+    open_session,
+    plan_target,
+)
+from tasks.errors import JobFailedError, JobTimedOutError, SendError, TaskError
+from tasks.execution import JobProcess, run_job_process
+from tasks.materialise import materialise_series
+from tasks.outputs import changed_files, safe_segment, snapshot, storage_requests, store_log, store_outputs
+from tasks.send import dicom_files, send_files
+from tasks.venvs import service_python
+
+__all__ = [
+    "load_target",
+    "plan_jobs",
+    "start_session",
+    "materialise",
+    "run_job",
+    "record_skipped",
+    "send_outputs",
+    "publish_artifacts",
+    "finish_session",
+    "artifact_key",
+]
+
+
+def artifact_key(level: str, uid: str) -> str:
+    """``jobs-series-1-2-3``: the job-table artifact key of a series (or study), history per UID."""
+    return f"jobs-{level}-{uid.replace('.', '-')}"
+
+
+@task(name="load-headers", cache_policy=NO_CACHE)
+def load_target(settings: RuntimeSettings, level: str, uid: str, revision: int | None = None) -> Target:
+    """Headers and facts of the received series (``level="series"``) or study."""
+    repository, store = repository_of(settings), store_of(settings)
+    if level == "study":
+        return load_study_target(repository, store, uid, revision)
+    return load_series_target(repository, store, uid, revision)
+
+
+@task(name="evaluate-callbacks", cache_policy=NO_CACHE)
+def plan_jobs(settings: RuntimeSettings, target: Target, only_jobs: list[str] | None = None) -> PlannedRun:
+    """Evaluate the installed services' callbacks on ``target`` and plan the DAG."""
+    from services_registry.install import installed_specs
+
+    specs = installed_specs(repository_of(settings), Path(settings.services_dir), store_of(settings))
+    return plan_target(specs, target, only_jobs=only_jobs)
+
+
+@task(name="start-session", cache_policy=NO_CACHE)
+def start_session(settings: RuntimeSettings, target: Target, planned: PlannedRun, trigger: str) -> tuple[SessionRun, PlannedRun]:
+    """Record the Session and one pending Job per planned job."""
+    from prefect.runtime import flow_run
+
+    flow_run_id = str(flow_run.id) if flow_run.id else None
+    return open_session(
+        repository_of(settings),
+        target,
+        planned,
+        sessions_dir=work_dirs(settings)["sessions"],
+        trigger=trigger,
+        flow_run_id=flow_run_id,
+    )
+
+
+@task(name="materialise-files", cache_policy=NO_CACHE)
+def materialise(settings: RuntimeSettings, run: SessionRun) -> int:
+    """Put every series of the run under ``$DATA/dicom/<study>/<series>`` (read-only, cached)."""
+    repository, store = repository_of(settings), store_of(settings)
+    series = [run.series_uid] if run.series_uid else list(run.headers.get("seriesIds", []))
+    count = 0
+    for uid in series:
+        count += materialise_series(
+            store,
+            repository.list_instances(uid),
+            study_uid=run.study_uid,
+            series_uid=uid,
+            cache_dir=work_dirs(settings)["cache"],
+            target=Path(run.data_dir) / "dicom" / run.study_uid / uid,
+        )
+    return count
+
+
+def _import_paths(job: PlannedJob, run: SessionRun) -> list[str]:
+    if not job.module_dir:
+        return []
+    module_dir = Path(job.module_dir)
+    if module_dir.name == "python":  # Python-API service: the folder is its import root
+        return [str(module_dir)]
+    # seed layout: module/ is package <service> under $MODULES, packages inside it are top level
+    # (services_registry.loader.top_level_names: module/__init__.py makes the alias win)
+    paths = [str(module_dir), run.modules_dir]
+    return paths[::-1] if (module_dir / "__init__.py").is_file() else paths
+
+
+@task(name="run-job", cache_policy=NO_CACHE)
+def run_job(settings: RuntimeSettings, run: SessionRun, job: PlannedJob) -> dict[str, Any]:
+    """Run one job in its own process group; record the attempt, its outputs and its log.
+
+    Returns
+    -------
+    dict
+        ``job``, ``pid``, ``result`` (the worker's return value), ``files`` (output paths
+        under ``$DATA``), ``storage`` (send requests), ``duration``.
+
+    Raises
+    ------
+    JobTimedOutError
+        The job ran past its timeout; its process group was killed.
+    JobFailedError
+        Non-zero exit, a signal, or its environment could not be built.
+    """
+    from prefect.runtime import task_run
+
+    logger = get_run_logger()
+    repository, store = repository_of(settings), store_of(settings)
+    assert job.job_id is not None
+    attempt = int(task_run.run_count or 1)
+    fields: dict[str, Any] = {"state": JobState.RUNNING.value, "attempts": attempt, "error": None, "exit_code": None}
+    if task_run.id:
+        fields["task_run_id"] = str(task_run.id)
+    if attempt > 1:
+        previous = next((j for j in repository.list_jobs(session_id=run.session_id) if j.id == job.job_id), None)
+        if previous is not None and previous.started_at is not None:
+            fields["started_at"] = previous.started_at
+    repository.update_job(job.job_id, **fields)
+    work = Path(run.work_dir)
+    log_path = work / "joblogs" / f"{safe_segment(job.name)}.log"
+    try:
+        python = service_python(
+            Path(job.module_dir) if job.module_dir else None, work_dirs(settings)["venvs"], job.service, job.service_version
+        )
+    except TaskError as exc:
+        repository.update_job(job.job_id, state=JobState.FAILED.value, error=str(exc))
+        raise JobFailedError(f"job {job.name!r}: {exc}") from None
+    data_dir = Path(run.data_dir)
+    before = snapshot(data_dir)
+    if attempt > 1:
+        with log_path.open("a") as fh:
+            fh.write(f"dcmflow: attempt {attempt}\n")
+    pid_holder: dict[str, int] = {}
+
+    def started(pid: int) -> None:
+        pid_holder["pid"] = pid
+        logger.info("job %s attempt %d started (pid %d)", job.name, attempt, pid)
+        repository.put_session_data(run.session_id, "process", {"pid": pid, "attempt": attempt}, job_name=job.name)
+
+    outcome = run_job_process(
+        JobProcess(
+            python=python,
+            worker=job.worker,
+            import_paths=_import_paths(job, run),
+            kwargs={
+                "jobName": job.name,
+                "headers": run.headers,
+                "params": job.params,
+                "added_params": run.added_params,
+            },
+            env={"DATA": run.data_dir, "MODULES": run.modules_dir, "LOGS": run.logs_dir},
+            work_dir=work / "jobs" / safe_segment(job.name),
+            log_path=log_path,
+            timeout=job.timeout,
+        ),
+        on_line=lambda line: logger.info("%s | %s", job.name, line),
+        on_start=started,
+    )
+    files = changed_files(before, snapshot(data_dir))
+    stored = store_outputs(repository, store, session_id=run.session_id, job_name=job.name, data_dir=data_dir, paths=files)
+    log_key = store_log(store, session_id=run.session_id, job_name=job.name, log_path=log_path)
+    finished = dt.datetime.fromtimestamp(outcome.finished, dt.UTC)
+    if outcome.status == "succeeded":
+        repository.put_session_data(run.session_id, "result", outcome.result, job_name=job.name)
+        repository.update_job(
+            job.job_id, state=JobState.SUCCEEDED.value, exit_code=0, log_key=log_key, finished_at=finished
+        )
+        requests = storage_requests(job.name, run.added_params, outcome.result)
+        return {
+            "job": job.name,
+            "pid": outcome.pid,
+            "result": outcome.result,
+            "files": [f.name for f in stored],
+            "storage": [r.__dict__ for r in requests],
+            "duration": outcome.duration,
+        }
+    state = JobState.TIMED_OUT if outcome.status == "timed_out" else JobState.FAILED
+    repository.update_job(
+        job.job_id, state=state.value, exit_code=outcome.exit_code, error=outcome.error, log_key=log_key, finished_at=finished
+    )
+    logger.error("job %s attempt %d %s: %s", job.name, attempt, state.value, outcome.error)
+    error = JobTimedOutError if outcome.status == "timed_out" else JobFailedError
+    raise error(f"job {job.name!r}: {outcome.error}")
+
+
+@task(name="record-skipped", cache_policy=NO_CACHE)
+def record_skipped(settings: RuntimeSettings, skipped: Mapping[int, str]) -> None:
+    """Record jobs that will never run (a dependency failed), with the reason."""
+    repository = repository_of(settings)
+    for job_id, reason in skipped.items():
+        repository.update_job(job_id, state=JobState.SKIPPED.value, error=reason)
+
+
+@task(name="send-outputs", cache_policy=NO_CACHE)
+def send_outputs(settings: RuntimeSettings, run: SessionRun, job_name: str, requests: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """C-STORE every ``type: dicom`` output of a job to its peer, with retries; record each send.
+
+    The destination is the request's ``destination`` (a Peer name), else every peer with
+    ``receive_results``. Other types (``pdf``, ``nifti``) are recorded as not sent.
+
+    Raises
+    ------
+    SendError
+        A peer is unknown, or files are still unsent after the retries (recorded first).
+    """
+    logger = get_run_logger()
+    repository = repository_of(settings)
+    records: list[dict[str, Any]] = []
+    problems: list[str] = []
+    for request in requests:
+        path = (Path(run.data_dir) / str(request["path"])).resolve()
+        base = {"job": job_name, "path": request["path"], "type": request["type"]}
+        if request["type"] != "dicom":
+            records.append({**base, "peer": request.get("destination"), "status": "not sent: only type 'dicom' is sent"})
+            continue
+        if not path.is_relative_to(Path(run.data_dir).resolve()) or not path.exists():
+            records.append({**base, "peer": request.get("destination"), "status": "failed", "error": "no such output"})
+            problems.append(f"{request['path']}: no such output under $DATA")
+            continue
+        if request.get("destination"):
+            peer = repository.get_peer(str(request["destination"]))
+            peers = [peer] if peer is not None else []
+            if peer is None:
+                problems.append(f"no peer named {request['destination']!r}")
+                records.append({**base, "peer": request["destination"], "status": "failed", "error": "unknown peer"})
+        else:
+            peers = [p for p in repository.list_peers() if p.receive_results]
+            if not peers:
+                problems.append(f"{request['path']}: no destination and no peer receives results")
+        files = dicom_files(path)
+        for peer in peers:
+            try:
+                report = send_files(peer, files, calling_ae=settings.ae_title)
+            except SendError as exc:
+                records.append({**base, "peer": peer.name, "status": "failed", "error": str(exc)})
+                problems.append(str(exc))
+                logger.error("send %s to %s failed: %s", request["path"], peer.name, exc)
+                continue
+            records.append(
+                {**base, "peer": peer.name, "status": "sent", "instances": len(report.sent), "attempts": report.attempts}
+            )
+            logger.info("sent %d instance(s) of %s to %s", len(report.sent), request["path"], peer.name)
+    repository.put_session_data(run.session_id, "sent", records, job_name=job_name)
+    if problems:
+        raise SendError(f"job {job_name!r}: " + "; ".join(problems))
+    return records
+
+
+@task(name="publish-artifacts", cache_policy=NO_CACHE)
+def publish_artifacts(settings: RuntimeSettings, run: SessionRun, planned: PlannedRun, target: Target) -> dict[str, str]:
+    """The job table (key ``jobs-series-<uid>``) and a markdown DAG with outputs, on the flow run."""
+    repository = repository_of(settings)
+    jobs = repository.list_jobs(session_id=run.session_id)
+    table = [
+        {
+            "job": j.job_name,
+            "service": f"{j.service_name} v{j.service_version}",
+            "state": j.state,
+            "attempts": j.attempts,
+            "duration_s": round((j.finished_at - j.started_at).total_seconds(), 2) if j.started_at and j.finished_at else None,
+            "exit_code": j.exit_code,
+            "error": j.error or "",
+        }
+        for j in jobs
+    ]
+    uid = target.series_uid or target.study_uid
+    key = artifact_key(target.level, uid)
+    create_table_artifact(table, key=key, description=f"Jobs of {target.level} {uid} (session {run.session_id})")
+    files = repository.list_session_files(run.session_id)
+    lines = [
+        f"# {target.level} {uid}",
+        "",
+        f"{target.modality} {target.description!r}, revision {target.revision}, session {run.session_id}",
+        "",
+        "```mermaid",
+        planned.mermaid.rstrip(),
+        "```",
+        "",
+        "| job | state |",
+        "|---|---|",
+        *(f"| {j.job_name} | {j.state} |" for j in jobs),
+    ]
+    if planned.rejected:
+        lines += ["", "## Not selected", "", *(f"- `{r['job']}` ({r['service']}): {r['reason']}" for r in planned.rejected)]
+    lines += ["", "## Outputs", ""]
+    lines += [f"- `{f.job_name}`: `{f.name}` ({f.size} bytes) → object `{f.object_key}`" for f in files] or ["none"]
+    dag_key = key.replace("jobs-", "dag-", 1)
+    create_markdown_artifact("\n".join(lines) + "\n", key=dag_key, description=f"DAG and outputs of {target.level} {uid}")
+    return {"table": key, "markdown": dag_key}
+
+
+@task(name="finish-session", cache_policy=NO_CACHE)
+def finish_session(settings: RuntimeSettings, run: SessionRun, failed: bool) -> None:
+    """Set the session's final state."""
+    state = SessionState.FAILED if failed else SessionState.COMPLETED
+    repository_of(settings).finish_session(run.session_id, state.value)

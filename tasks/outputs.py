@@ -1,0 +1,170 @@
+"""What a job wrote, kept: files → object store + SessionFile records; logs; storage requests.
+
+dcm-processor workers write their results somewhere under ``$DATA`` (the seed's dcm2nii
+writes ``DATA/nifti/<patient>/…``; our example writes ``DATA/summaries/…``), so a job's
+*output folder* is its session's ``$DATA`` minus the received DICOM (``dicom/``): every file
+that is new or changed after the job ran is that job's output. Object keys::
+
+    sessions/<session id>/files/<job>/<path under DATA>     one per output file
+    sessions/<session id>/logs/<job>.log                     the job's stdout + stderr
+
+Path segments that are not safe key names (:func:`storage.keys.is_valid_name`) are rewritten
+(unsafe characters → ``_``); the SessionFile ``name`` keeps the real relative path.
+
+*Storage requests* are dcm-processor's ``storage`` key (reference §3.3): a dict or a list of
+dicts ``{type, path, destination?}`` in ``added_params[jobName]`` (from the callback) or in
+the dict a worker returns. ``type: "dicom"`` outputs are sent to a peer by
+:mod:`tasks.send`; other types are recorded as not sendable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mimetypes
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from storage.keys import is_valid_name, validate_key
+
+if TYPE_CHECKING:
+    from storage.models import SessionFilePublic
+    from storage.objects import ObjectStore
+    from storage.repository import Repository
+
+__all__ = [
+    "Snapshot",
+    "snapshot",
+    "changed_files",
+    "safe_segment",
+    "session_file_key",
+    "session_log_key",
+    "store_outputs",
+    "store_log",
+    "storage_requests",
+    "StorageRequest",
+]
+
+Snapshot = dict[str, tuple[int, int]]
+"""Relative posix path → (size, mtime_ns)."""
+
+_RE_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
+
+
+def snapshot(data_dir: Path, exclude: Iterable[str] = ("dicom",)) -> Snapshot:
+    """Size and modification time of every file under ``data_dir``, top folders ``exclude`` left out."""
+    skip = set(exclude)
+    found: Snapshot = {}
+    if not data_dir.is_dir():
+        return found
+    for path in data_dir.rglob("*"):
+        rel = path.relative_to(data_dir)
+        if rel.parts and rel.parts[0] in skip:
+            continue
+        if path.is_file() and not path.is_symlink():
+            st = path.stat()
+            found[rel.as_posix()] = (st.st_size, st.st_mtime_ns)
+    return found
+
+
+def changed_files(before: Snapshot, after: Snapshot) -> list[str]:
+    """Paths new or changed between two snapshots, sorted."""
+    return sorted(path for path, sig in after.items() if before.get(path) != sig)
+
+
+def safe_segment(text: str) -> str:
+    """``text`` as a safe object-key segment (unsafe characters → ``_``, no leading dot)."""
+    cleaned = _RE_UNSAFE.sub("_", text)[:128] or "_"
+    if cleaned.startswith(".") or not is_valid_name(cleaned):
+        cleaned = "_" + cleaned.lstrip(".")[:127]
+    return cleaned
+
+
+def session_file_key(session_id: int, job_name: str, rel_path: str) -> str:
+    """Object key of one output file of a job."""
+    parts = [safe_segment(p) for p in rel_path.split("/") if p]
+    return validate_key("/".join(["sessions", str(int(session_id)), "files", safe_segment(job_name), *parts]))
+
+
+def session_log_key(session_id: int, job_name: str) -> str:
+    """Object key of a job's log."""
+    return validate_key(f"sessions/{int(session_id)}/logs/{safe_segment(job_name)}.log")
+
+
+def store_outputs(
+    repository: Repository,
+    store: ObjectStore,
+    *,
+    session_id: int,
+    job_name: str,
+    data_dir: Path,
+    paths: Iterable[str],
+) -> list[SessionFilePublic]:
+    """Put each file (relative to ``data_dir``) in the store and record it for the session."""
+    records = []
+    for rel in paths:
+        data = (data_dir / rel).read_bytes()
+        key = session_file_key(session_id, job_name, rel)
+        content_type = mimetypes.guess_type(rel)[0] or "application/octet-stream"
+        store.put(key, data, content_type=content_type)
+        records.append(
+            repository.add_session_file(
+                session_id,
+                rel,
+                object_key=key,
+                size=len(data),
+                sha256=hashlib.sha256(data).hexdigest(),
+                content_type=content_type,
+                job_name=job_name,
+            )
+        )
+    return records
+
+
+def store_log(store: ObjectStore, *, session_id: int, job_name: str, log_path: Path) -> str | None:
+    """Put a job's log file in the store; its key, or ``None`` when there is no log."""
+    if not log_path.is_file():
+        return None
+    key = session_log_key(session_id, job_name)
+    store.put(key, log_path.read_bytes(), content_type="text/plain")
+    return key
+
+
+@dataclass(frozen=True)
+class StorageRequest:
+    """One entry of a ``storage`` key: send ``path`` (under ``$DATA``) as ``type`` to ``destination``."""
+
+    job_name: str
+    type: str
+    path: str
+    destination: str | None
+
+
+def _entries(value: Any) -> list[Mapping[str, Any]]:
+    if isinstance(value, Mapping):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [v for v in value if isinstance(v, Mapping)]
+    return []
+
+
+def storage_requests(job_name: str, added_params: Mapping[str, Any], result: Any) -> list[StorageRequest]:
+    """The ``storage`` entries of a job: from its callback (``added_params[jobName]``) and its result."""
+    entries = []
+    own = added_params.get(job_name)
+    if isinstance(own, Mapping):
+        entries.extend(_entries(own.get("storage")))
+    if isinstance(result, Mapping):
+        entries.extend(_entries(result.get("storage")))
+    requests = []
+    for entry in entries:
+        path = entry.get("path")
+        if not isinstance(path, str) or not path:
+            continue
+        destination = entry.get("destination")
+        requests.append(
+            StorageRequest(job_name, str(entry.get("type", "dicom")).lower(), path, str(destination) if destination else None)
+        )
+    return requests

@@ -1,0 +1,122 @@
+"""Send output files to a DICOM peer with C-STORE (PS3.4 Annex B), retrying on failure.
+
+One association per attempt carries every file; presentation contexts are proposed per SOP
+class with the file's own transfer syntax (plus Explicit/Implicit VR Little Endian, which
+every SCP accepts, PS3.5 §10.1). A file whose status is not Success (0x0000) or a Warning
+(0xB000, 0xB007, 0xB006, PS3.4 B.2.3) is retried on the next attempt; after the last attempt
+:class:`tasks.errors.SendError` names what is still unsent.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from tasks.errors import SendError
+
+if TYPE_CHECKING:
+    from storage.models import PeerPublic
+
+__all__ = ["SendReport", "dicom_files", "send_files"]
+
+_OK_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}
+
+
+@dataclass
+class SendReport:
+    """What a send did: files sent (SOP Instance UIDs), attempts used, last error."""
+
+    peer: str
+    sent: list[str] = field(default_factory=list)
+    attempts: int = 0
+    error: str | None = None
+
+
+def dicom_files(path: Path) -> list[Path]:
+    """``path`` itself, or every DICOM file under it (PS3.10 §7.1 ``DICM`` preamble check)."""
+    candidates = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    found = []
+    for candidate in candidates:
+        with candidate.open("rb") as fh:
+            if fh.read(132)[128:] == b"DICM":
+                found.append(candidate)
+    return found
+
+
+def _attempt(peer: PeerPublic, calling_ae: str, datasets: dict[str, pydicom.Dataset], timeout: float) -> tuple[list[str], str | None]:
+    from pynetdicom import AE
+
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    contexts: dict[str, set[str]] = {}
+    for ds in datasets.values():
+        syntaxes = contexts.setdefault(str(ds.SOPClassUID), {ExplicitVRLittleEndian, ImplicitVRLittleEndian})
+        syntaxes.add(str(ds.file_meta.TransferSyntaxUID))
+    for sop_class, syntaxes in contexts.items():
+        ae.add_requested_context(sop_class, sorted(syntaxes))
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    if not assoc.is_established:
+        return [], f"association with {peer.ae_title}@{peer.host}:{peer.port} not established"
+    sent, error = [], None
+    try:
+        for sop_uid, ds in datasets.items():
+            status = assoc.send_c_store(ds)
+            code = getattr(status, "Status", None)
+            if code in _OK_STATUSES:
+                sent.append(sop_uid)
+            else:
+                error = f"C-STORE of {sop_uid} returned status {'none' if code is None else hex(code)}"
+    finally:
+        assoc.release()
+    return sent, error
+
+
+def send_files(
+    peer: PeerPublic,
+    files: Sequence[Path],
+    *,
+    calling_ae: str = "DCMFLOW",
+    attempts: int = 3,
+    delay: float = 1.0,
+    timeout: float = 30.0,
+) -> SendReport:
+    """C-STORE ``files`` to ``peer``, retrying what failed.
+
+    Raises
+    ------
+    SendError
+        A file is not DICOM, or something is still unsent after ``attempts`` tries.
+    """
+    pending: dict[str, pydicom.Dataset] = {}
+    for path in files:
+        try:
+            ds = pydicom.dcmread(path)
+        except (InvalidDicomError, OSError) as exc:
+            raise SendError(f"{path.name}: not a DICOM file: {exc}") from None
+        pending[str(ds.SOPInstanceUID)] = ds
+    report = SendReport(peer=peer.name)
+    for attempt in range(1, attempts + 1):
+        report.attempts = attempt
+        try:
+            sent, error = _attempt(peer, calling_ae, pending, timeout)
+        except Exception as exc:  # noqa: BLE001 - network errors of any kind: retry
+            sent, error = [], f"{type(exc).__name__}: {exc}"
+        for uid in sent:
+            pending.pop(uid, None)
+            report.sent.append(uid)
+        report.error = error
+        if not pending:
+            report.error = None
+            return report
+        if attempt < attempts:
+            time.sleep(delay * attempt)
+    raise SendError(
+        f"{len(pending)} file(s) not sent to peer {peer.name!r} after {attempts} attempts: {report.error}"
+    )
