@@ -26,6 +26,7 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from receiver import status
 from receiver.errors import InvalidInstanceError, SpoolFullError
+from receiver.p10 import SERIES_UID, SOP_UID, STUDY_UID, file_meta, scan_uids
 from storage.keys import is_valid_uid
 
 if TYPE_CHECKING:
@@ -45,20 +46,18 @@ __all__ = [
 
 log = logging.getLogger("receiver")
 
-_STUDY_UID = 0x0020000D
-_SERIES_UID = 0x0020000E
-_SOP_UID = 0x00080018
 
 
 def _stop_after_series_uid(tag: int, vr: str | None, length: int) -> bool:
     # Tags are stored in ascending order (PS3.5 §7.1), so nothing we need follows (0020,000E).
-    return tag > _SERIES_UID
+    return tag > SERIES_UID
 
 
-def check_dataset(dataset: bytes, transfer_syntax: str, affected_sop_uid: str) -> tuple[str, str, str]:
+def check_dataset(dataset: bytes | memoryview, transfer_syntax: str, affected_sop_uid: str) -> tuple[str, str, str]:
     """Check that a received dataset carries usable identifying UIDs, reading only its start.
 
-    The elements are read up to (0020,000E) only, which is enough for the three UIDs that
+    Tries the byte-level walker :func:`receiver.p10.scan_uids` first and falls back to
+    pydicom for what it does not handle. The elements are read up to (0020,000E) only, which is enough for the three UIDs that
     build the object key (PS3.3 C.7.2.1 Study, C.7.3.1 Series, C.12.1 SOP Common).
 
     Parameters
@@ -81,18 +80,25 @@ def check_dataset(dataset: bytes, transfer_syntax: str, affected_sop_uid: str) -
         (Data Set does not match SOP Class) when a UID is missing, is not a UID (PS3.5 §9.1),
         or the SOP Instance UID differs from the request's.
     """
+    fast = scan_uids(dataset, transfer_syntax)
+    if fast is not None:
+        return _check_uids([fast.get(t, "") for t in (STUDY_UID, SERIES_UID, SOP_UID)], affected_sop_uid)
     ts = UID(transfer_syntax)
     try:
         raw = dataset
         if ts == DeflatedExplicitVRLittleEndian:  # PS3.5 A.5: raw deflate of the dataset
             raw = zlib.decompressobj(-zlib.MAX_WBITS).decompress(dataset)
         ds = read_dataset(io.BytesIO(raw), ts.is_implicit_VR, ts.is_little_endian, stop_when=_stop_after_series_uid)
-        values = [ds.get(tag) for tag in (_STUDY_UID, _SERIES_UID, _SOP_UID)]
+        values = [ds.get(tag) for tag in (STUDY_UID, SERIES_UID, SOP_UID)]
         uids = [str(el.value).strip("\0 ") if el is not None and el.value is not None else "" for el in values]
     except InvalidInstanceError:
         raise
     except Exception as exc:  # pydicom raises many types on garbage; all mean "cannot parse"
         raise InvalidInstanceError(f"dataset does not parse: {type(exc).__name__}: {exc}", status.CANNOT_UNDERSTAND) from exc
+    return _check_uids(uids, affected_sop_uid)
+
+
+def _check_uids(uids: list[str], affected_sop_uid: str) -> tuple[str, str, str]:
     names = ("Study Instance UID", "Series Instance UID", "SOP Instance UID")
     for name, uid in zip(names, uids, strict=True):
         if not uid:
@@ -141,8 +147,11 @@ def handle_store(event: Event, spool: Spool, tracker: AssociationTracker) -> int
             return exc.status
         received_ns = time.time_ns()
         try:
+            # Same bytes as ``event.encoded_dataset()`` (plus (0002,0016) Source AE Title),
+            # built without pydicom: see receiver/p10.py.
+            meta = file_meta(str(request.AffectedSOPClassUID), affected, transfer_syntax, info.calling_ae)
             spool.write(
-                event.encoded_dataset(),
+                [meta, dataset],
                 sop_uid=affected,
                 association_id=info.association_id,
                 calling_ae=info.calling_ae,

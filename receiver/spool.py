@@ -47,7 +47,7 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -249,7 +249,7 @@ class Spool:
 
     def write(
         self,
-        data: bytes,
+        data: bytes | Sequence[bytes | memoryview],
         *,
         sop_uid: str,
         association_id: str,
@@ -260,8 +260,9 @@ class Spool:
 
         Parameters
         ----------
-        data : bytes
-            The raw PS3.10 file bytes (preamble, file meta, dataset as received).
+        data : bytes or sequence of bytes
+            The raw PS3.10 file bytes (preamble, file meta, dataset as received), or its
+            pieces (written with one ``writev``, so the dataset is never copied to join them).
         sop_uid : str
             Affected SOP Instance UID of the request; must be a valid UID.
         association_id : str
@@ -289,7 +290,9 @@ class Spool:
             raise ValueError(f"invalid SOP Instance UID {sop_uid!r}")
         if len(association_id) != 32 or not all(c in "0123456789abcdef" for c in association_id):
             raise ValueError(f"invalid association id {association_id!r}")
-        if not self.has_room(len(data)):
+        parts = [memoryview(data)] if isinstance(data, (bytes, bytearray, memoryview)) else [memoryview(p) for p in data]
+        size = sum(p.nbytes for p in parts)
+        if not self.has_room(size):
             free, _ = self.free_bytes()
             raise SpoolFullError(f"spool {self.root} below its watermark ({free} bytes free)")
         ns = time.time_ns() if received_ns is None else received_ns
@@ -302,10 +305,13 @@ class Spool:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
+                while parts:
+                    written = os.writev(fd, parts)
+                    while parts and written >= parts[0].nbytes:
+                        written -= parts[0].nbytes
+                        parts.pop(0)
+                    if parts and written:
+                        parts[0] = parts[0][written:]
                 os.fsync(fd)
             finally:
                 os.close(fd)
