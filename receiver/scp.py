@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from receiver._tuning import DEFAULT_REACTOR_DELAY, shorten_reactor_sleeps
 from receiver.errors import ConfigError
 from receiver.handlers import (
     handle_closed,
@@ -70,6 +71,9 @@ class ScpConfig:
         PEM certificate chain and key; both set = TLS (PS3.15 B.1 Secure Transport).
     tls_ca : Path, optional
         CA bundle: when set, callers must present a certificate it signed.
+    reactor_delay : float, optional
+        Poll interval of pynetdicom's reactors in this process (see :mod:`receiver._tuning`);
+        ``None`` keeps pynetdicom's 1 ms.
     """
 
     ae_title: str = "DCMFLOW"
@@ -80,6 +84,7 @@ class ScpConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
+    reactor_delay: float | None = DEFAULT_REACTOR_DELAY
 
 
 def tls_context(config: ScpConfig) -> ssl.SSLContext | None:
@@ -148,6 +153,8 @@ def start_scp(
         If the port cannot be bound.
     """
     ae = build_ae(config)
+    if config.reactor_delay is not None:
+        shorten_reactor_sleeps(config.reactor_delay)
     handlers = [
         (evt.EVT_REQUESTED, handle_requested, [policy, tracker]),
         (evt.EVT_ESTABLISHED, handle_established, [tracker]),
