@@ -461,7 +461,7 @@ class PrefectEmitter:
 
         self._explicit_url = api_url
         self.api_url = api_url or PREFECT_API_URL.value()
-        self._worker_cls = EventsWorker
+        self._worker_cls: Any = EventsWorker
         self._failures = _FailureCounter()
         services_logger.addHandler(self._failures)
         self._services_logger = services_logger
@@ -522,8 +522,9 @@ class PrefectEmitter:
             return True
 
     def _workers(self) -> list[Any]:
-        with self._worker_cls._instance_cache_lock:
-            return list(self._worker_cls._instances.values())
+        cls: Any = self._worker_cls
+        with cls._instance_cache_lock:
+            return list(cls._instances.values())
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until the events worker sent everything queued; False (logged) on failure."""
