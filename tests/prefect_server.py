@@ -7,6 +7,7 @@ session shares it; tests isolate themselves by using their own flow/series names
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -28,13 +29,15 @@ class PrefectServer:
     log_path: Path
 
     def stop(self) -> None:
-        """Terminate the server and wait for it to exit."""
-        self.process.terminate()
+        """Terminate the server's whole process group and wait for it to exit."""
+        if self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
         try:
-            self.process.wait(timeout=15)
+            self.process.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=5)
 
     def env(self) -> dict[str, str]:
         """Environment variables that point a client or a subprocess at this server."""
@@ -69,6 +72,7 @@ def start_prefect_server(home: Path, *, timeout: float = 90.0) -> PrefectServer:
         PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home / 'prefect.db'}",
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_UI_ENABLED="false",
+        PREFECT_LOGGING_LEVEL="WARNING",
         DO_NOT_TRACK="1",
     )
     log_path = home / "server.log"
@@ -78,6 +82,7 @@ def start_prefect_server(home: Path, *, timeout: float = 90.0) -> PrefectServer:
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group, stopped as one
     )
     api_url = f"http://127.0.0.1:{port}/api"
     server = PrefectServer(api_url, home, process, log_path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from dcmflow import __version__
-from dcmflow.cli import db, selfcheck, services
+from dcmflow.cli import db, importer, selfcheck, series, services
 
 app = typer.Typer(
     name="dcmflow",
@@ -33,6 +33,8 @@ def version() -> None:
 
 app.add_typer(db.app, name="db")
 app.add_typer(services.app, name="services")
+app.add_typer(series.app, name="series")
+app.command(name="import")(importer.import_command)
 app.command(name="selfcheck")(selfcheck.selfcheck)
 
 

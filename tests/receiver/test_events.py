@@ -1,22 +1,15 @@
 """Events: the pure builders, and the Prefect emitter against a real ``prefect server start``.
 
-The session-scoped ``prefect_api_url`` fixture below starts one Prefect server (SQLite, temp
-PREFECT_HOME, analytics off) for the whole session, ~15-20 s; it is meant to move into
-``tests/conftest.py`` once other test folders need it.
+The real Prefect server is the session-wide ``prefect_server`` fixture of tests/conftest.py.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
-import signal
 import socket
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -142,53 +135,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
-def prefect_api_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """One real ``prefect server start`` (SQLite in a temp PREFECT_HOME) for the session."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(
-        PREFECT_HOME=str(home),
-        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home / 'prefect.db'}",
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_UI_ENABLED="false",
-        DO_NOT_TRACK="1",
-        PREFECT_LOGGING_LEVEL="WARNING",
-    )
-    log_path = home / "server.log"
-    prefect = Path(sys.executable).with_name("prefect")
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(
-            [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group, stopped as one below
-        )
-    url = f"http://127.0.0.1:{port}/api"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"prefect server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"prefect server did not answer /api/health in 120 s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.25)
-        yield url
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
+@pytest.fixture
+def prefect_api_url(prefect_server: Any) -> str:
+    """The session's real Prefect server (tests/conftest.py)."""
+    return str(prefect_server.api_url)
 
 
 def read_events(url: str, resource_ids: list[str], *, expect: int, timeout: float = 30.0) -> list[dict[str, Any]]:
