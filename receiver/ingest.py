@@ -6,10 +6,10 @@ in-process for tests (:meth:`Ingester.run_once`).
 
 For every spool file, oldest first (:meth:`receiver.spool.Spool.pending`):
 
-1. parse the header from the bytes (``dcmread(..., stop_before_pixels=True, specific_tags=...)``;
-   pixel data is never loaded), and hash the raw bytes (SHA-256);
+1. parse the header from the bytes (``read_partial`` with ``specific_tags`` and a stop after
+   (0020,0013): pixel data and later groups are never parsed);
 2. put the bytes under the immutable key ``instances/{study}/{series}/{sop}.dcm`` with
-   ``put_if_absent``. If that key holds other bytes (a re-send with different content), put
+   ``put_if_absent``, taking the SHA-256 from the store's single streaming pass. If that key holds other bytes (a re-send with different content), put
    them under :func:`storage.keys.instance_version_key` instead; identical bytes are a no-op;
 3. every ``batch_size`` instances or ``batch_seconds`` after the first, whichever comes first,
    ``Repository.record_instances`` in one transaction (which decides new / duplicate / new
@@ -35,11 +35,12 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from pydicom import dcmread
+from pydicom.datadict import tag_for_keyword
+from pydicom.filereader import read_partial
 
 from storage.errors import InvalidKeyError, ObjectExistsError, StorageError
 from storage.keys import instance_key, instance_version_key
@@ -96,6 +97,9 @@ _HEADER_TAGS = [
     "SeriesNumber",
     "InstanceNumber",
 ]
+_TAG_OF: dict[str, int] = {k: int(tag_for_keyword(k)) for k in _HEADER_TAGS}  # type: ignore[arg-type]
+_HEADER_TAG_NUMBERS: list[Any] = list(_TAG_OF.values())
+_LAST_HEADER_TAG = 0x00200013
 
 
 class StorageFactory(Protocol):
@@ -153,22 +157,34 @@ class BatchReport:
         )
 
 
+def _value(ds: Any, keyword: str) -> Any:
+    element = ds.get(_TAG_OF[keyword])  # by tag: skips pydicom's keyword → tag lookup
+    return None if element is None else element.value
+
+
 def _text(ds: Any, keyword: str) -> str:
-    value = ds.get(keyword)
+    value = _value(ds, keyword)
     if value is None:
         return ""
     return str(value).strip("\0 ")
 
 
 def _int(ds: Any, keyword: str) -> int | None:
-    value = ds.get(keyword)
+    value = _value(ds, keyword)
     try:
         return int(value) if value not in (None, "") else None
     except (TypeError, ValueError):
         return None
 
 
-def read_instance(raw: bytes, entry: SpoolEntry) -> tuple[InstanceIn, str]:
+def _stop_after_header(tag: int, vr: str | None, length: int) -> bool:
+    # Every tag ingest reads is at or below (0020,0013) Instance Number; elements are in
+    # ascending tag order (PS3.5 §7.1), so the rest (image pixel module, private groups,
+    # pixel data) is never parsed.
+    return tag > _LAST_HEADER_TAG
+
+
+def read_instance(raw: bytes, entry: SpoolEntry, *, hash_bytes: bool = True) -> tuple[InstanceIn, str]:
     """Parse the header of a spooled file into an :class:`~storage.repository.InstanceIn`.
 
     Parameters
@@ -177,6 +193,9 @@ def read_instance(raw: bytes, entry: SpoolEntry) -> tuple[InstanceIn, str]:
         The PS3.10 file bytes.
     entry : SpoolEntry
         Its spool entry (receive time, calling AE).
+    hash_bytes : bool
+        Compute the SHA-256 here. ``False`` leaves ``sha256`` empty for
+        :meth:`Ingester._store_object` to fill from the store's own single-pass hash.
 
     Returns
     -------
@@ -190,11 +209,11 @@ def read_instance(raw: bytes, entry: SpoolEntry) -> tuple[InstanceIn, str]:
     Exception
         Whatever pydicom raises on bytes that do not parse.
     """
-    ds = dcmread(io.BytesIO(raw), stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+    ds = read_partial(io.BytesIO(raw), stop_when=_stop_after_header, specific_tags=_HEADER_TAG_NUMBERS)
     meta = ds.file_meta
     study, series, sop = _text(ds, "StudyInstanceUID"), _text(ds, "SeriesInstanceUID"), _text(ds, "SOPInstanceUID")
     key = instance_key(study, series, sop)  # validates all three
-    sha = hashlib.sha256(raw).hexdigest()
+    sha = hashlib.sha256(raw).hexdigest() if hash_bytes else ""
     return (
         InstanceIn(
             study_uid=study,
@@ -313,12 +332,18 @@ class Ingester:
     # -- one instance -------------------------------------------------------------------------
 
     def _store_object(self, raw: bytes, item: InstanceIn) -> InstanceIn:
-        """Put the bytes under the immutable key, or beside it as a version if the key differs."""
+        """Put the bytes under the immutable key, or beside it as a version if the key differs.
+
+        Returns ``item`` with ``sha256`` set (taken from the store's streaming hash when the
+        caller left it empty) and ``object_key`` pointing at where the bytes are.
+        """
         try:
-            self.store.put_if_absent(item.object_key, raw)
-            return item
+            put = self.store.put_if_absent(item.object_key, raw)
+            return item if item.sha256 else replace(item, sha256=put.sha256)
         except ObjectExistsError:
             pass
+        if not item.sha256:
+            item = replace(item, sha256=hashlib.sha256(raw).hexdigest())
         existing = self.store.get(item.object_key)
         if hashlib.sha256(existing).hexdigest() == item.sha256:
             return item  # identical bytes already stored: a replay or a re-send
@@ -336,7 +361,7 @@ class Ingester:
         except FileNotFoundError:
             return None  # taken care of by an earlier run (deleted after recording)
         try:
-            item, _sha = read_instance(raw, entry)
+            item, _sha = read_instance(raw, entry, hash_bytes=False)
         except InvalidKeyError as exc:
             self.spool.reject(entry, f"invalid UID: {exc}")
             return None
@@ -441,8 +466,6 @@ class Ingester:
 
 
 def _with_key(item: InstanceIn, key: str) -> InstanceIn:
-    from dataclasses import replace
-
     return replace(item, object_key=key)
 
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from receiver._tuning import DEFAULT_REACTOR_DELAY, shorten_reactor_sleeps
+from receiver._tuning import DEFAULT_REACTOR_DELAY, set_pynetdicom_event_logging, shorten_reactor_sleeps
 from receiver.errors import ConfigError
 from receiver.handlers import (
     handle_closed,
@@ -74,6 +74,9 @@ class ScpConfig:
     reactor_delay : float, optional
         Poll interval of pynetdicom's reactors in this process (see :mod:`receiver._tuning`);
         ``None`` keeps pynetdicom's 1 ms.
+    pynetdicom_event_logs : bool
+        Keep pynetdicom's per-DIMSE-message standard log handlers (off: they cost CPU per
+        message; the receiver logs one line per association).
     """
 
     ae_title: str = "DCMFLOW"
@@ -85,6 +88,7 @@ class ScpConfig:
     tls_key: Path | None = None
     tls_ca: Path | None = None
     reactor_delay: float | None = DEFAULT_REACTOR_DELAY
+    pynetdicom_event_logs: bool = False
 
 
 def tls_context(config: ScpConfig) -> ssl.SSLContext | None:
@@ -155,6 +159,7 @@ def start_scp(
     ae = build_ae(config)
     if config.reactor_delay is not None:
         shorten_reactor_sleeps(config.reactor_delay)
+    set_pynetdicom_event_logging(config.pynetdicom_event_logs)
     handlers = [
         (evt.EVT_REQUESTED, handle_requested, [policy, tracker]),
         (evt.EVT_ESTABLISHED, handle_established, [tracker]),
