@@ -30,6 +30,8 @@ from sqlmodel import Field, SQLModel
 __all__ = [
     "UTCDateTime",
     "utcnow",
+    "UNEMITTED_PREDICATE",
+    "RECEIVED_UNEMITTED_PREDICATE",
     "SeriesState",
     "JobState",
     "SessionState",
@@ -131,6 +133,19 @@ class SeriesState(StrEnum):
 
     RECEIVING = "receiving"
     STABLE = "stable"
+
+
+UNEMITTED_PREDICATE = (
+    f"state = '{SeriesState.STABLE.value}' AND (emitted_revision IS NULL OR emitted_revision < revision)"
+)
+"""SQL of "stable, but its current revision's stable event was not marked emitted" (series and study).
+
+The WHERE of the partial indexes ``ix_series_unemitted`` / ``ix_study_unemitted``; queries
+that want those indexes include this text verbatim.
+"""
+
+RECEIVED_UNEMITTED_PREDICATE = "received_emitted_at IS NULL"
+"""SQL of "``dicom.study.received`` not marked emitted" (WHERE of ``ix_study_received_unemitted``)."""
 
 
 class JobState(StrEnum):
@@ -540,16 +555,42 @@ class StudyBase(SQLModel):
     expected_series_count: int | None = None
     emitted_revision: int | None = None  # last revision a dicom.study.stable event went out for
     claimed_by: str | None = None
+    received_claimed_by: str | None = None  # who claimed its dicom.study.received event
 
 
 class Study(StudyBase, table=True):
-    """Table of studies."""
+    """Table of studies.
+
+    Two partial indexes keep the completeness monitor's work proportional to what is
+    pending, not to the size of the archive: ``ix_study_unemitted`` holds only stable
+    studies whose current revision was not marked emitted (recovery), and
+    ``ix_study_received_unemitted`` only studies whose ``dicom.study.received`` was not
+    marked emitted. Their predicates are repeated verbatim by the repository's queries
+    (SQLite uses a partial index only when the query's WHERE contains its terms).
+    """
+
+    __table_args__ = (
+        sa.Index(
+            "ix_study_unemitted",
+            "claimed_at",
+            postgresql_where=sa.text(UNEMITTED_PREDICATE),
+            sqlite_where=sa.text(UNEMITTED_PREDICATE),
+        ),
+        sa.Index(
+            "ix_study_received_unemitted",
+            "received_claimed_at",
+            postgresql_where=sa.text(RECEIVED_UNEMITTED_PREDICATE),
+            sqlite_where=sa.text(RECEIVED_UNEMITTED_PREDICATE),
+        ),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     patient_id: int = Field(foreign_key="patient.id", index=True)
     last_received_at: dt.datetime | None = _at(default=None)
     stable_at: dt.datetime | None = _at(default=None)
     claimed_at: dt.datetime | None = _at(default=None)
+    received_claimed_at: dt.datetime | None = _at(default=None)
+    received_emitted_at: dt.datetime | None = _at(default=None)  # dicom.study.received went out
 
 
 class StudyPublic(StudyBase):
@@ -560,6 +601,8 @@ class StudyPublic(StudyBase):
     last_received_at: dt.datetime | None
     stable_at: dt.datetime | None
     claimed_at: dt.datetime | None
+    received_claimed_at: dt.datetime | None
+    received_emitted_at: dt.datetime | None
 
 
 class SeriesBase(SQLModel):
@@ -585,9 +628,21 @@ class SeriesBase(SQLModel):
 
 
 class Series(SeriesBase, table=True):
-    """Table of series; ``(state, last_received_at)`` indexed for the completeness scan."""
+    """Table of series; ``(state, last_received_at)`` indexed for the completeness scan.
 
-    __table_args__ = (sa.Index("ix_series_state_last_received_at", "state", "last_received_at"),)
+    ``ix_series_unemitted`` is partial: only stable series whose current revision was not
+    marked emitted are in it, so the monitor's recovery step reads only those.
+    """
+
+    __table_args__ = (
+        sa.Index("ix_series_state_last_received_at", "state", "last_received_at"),
+        sa.Index(
+            "ix_series_unemitted",
+            "claimed_at",
+            postgresql_where=sa.text(UNEMITTED_PREDICATE),
+            sqlite_where=sa.text(UNEMITTED_PREDICATE),
+        ),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     study_id: int = Field(foreign_key="study.id", index=True)

@@ -24,12 +24,12 @@ EXPECTED_TABLES = {
 def test_upgrade_creates_schema_and_is_idempotent(db_url: str) -> None:
     assert current_revision(db_url) is None
     upgrade(db_url)
-    assert current_revision(db_url) == head_revision() == "0001"
+    assert current_revision(db_url) == head_revision() == "0002"
     engine = create_engine(db_url)
     try:
         assert set(sa.inspect(engine).get_table_names()) == EXPECTED_TABLES
         upgrade(engine)  # a second run is a no-op, not an error
-        assert current_revision(engine) == "0001"
+        assert current_revision(engine) == "0002"
     finally:
         engine.dispose()
 
@@ -59,7 +59,61 @@ def test_downgrade_to_base_then_upgrade_again(db_url: str) -> None:
             command.downgrade(cfg, "base")
         assert set(sa.inspect(engine).get_table_names()) <= {"alembic_version"}
         upgrade(engine)
+        assert current_revision(engine) == "0002"
+    finally:
+        engine.dispose()
+
+
+def _downgrade(engine: sa.Engine, revision: str) -> None:
+    from alembic import command
+
+    from storage.db import alembic_config, write_transaction
+
+    with write_transaction(engine) as conn:
+        cfg = alembic_config()
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, revision)
+
+
+def test_0002_downgrade_and_upgrade_keep_data_and_backfill_received(db_url: str) -> None:
+    """0002 → 0001 → 0002 round trip on a database with records; the backfill marks as
+    announced the studies the previous monitor certainly announced."""
+    engine = create_engine(db_url)
+    try:
+        upgrade(engine, "0001")
+        now = dt.datetime(2025, 3, 1, 8, 0, tzinfo=dt.UTC)
+        with engine.begin() as conn:
+            conn.execute(sa.text("INSERT INTO patient (id, patient_id, name, birth_date, sex, patient_key) "
+                                 "VALUES (1, 'P', '', '', '', 'k')"))
+            study = sa.table(
+                "study", *(sa.column(c) for c in ("id", "study_uid", "patient_id", "date", "time", "description",
+                                                   "accession_number", "referring_physician", "modalities",
+                                                   "revision", "state", "emitted_revision")),
+                sa.column("last_received_at", m.UTCDateTime()),
+            )  # fmt: skip
+            base = dict(patient_id=1, date="", time="", description="", accession_number="", referring_physician="",
+                        modalities="CT", last_received_at=now)  # fmt: skip
+            conn.execute(sa.insert(study), [
+                dict(base, id=1, study_uid="1.1", revision=1, state="receiving", emitted_revision=None),
+                dict(base, id=2, study_uid="1.2", revision=1, state="stable", emitted_revision=1),
+                dict(base, id=3, study_uid="1.3", revision=2, state="receiving", emitted_revision=1),
+            ])  # fmt: skip
+        upgrade(engine)
+        with engine.connect() as conn:
+            got = dict(conn.execute(sa.text("SELECT study_uid, received_emitted_at IS NOT NULL FROM study")).all())
+        assert {k: bool(v) for k, v in got.items()} == {"1.1": False, "1.2": True, "1.3": True}
+
+        _downgrade(engine, "0001")
         assert current_revision(engine) == "0001"
+        columns = {c["name"] for c in sa.inspect(engine).get_columns("study")}
+        assert not columns & {"received_claimed_by", "received_claimed_at", "received_emitted_at"}
+        assert "ix_series_unemitted" not in {i["name"] for i in sa.inspect(engine).get_indexes("series")}
+        upgrade(engine)
+        assert current_revision(engine) == "0002"
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT count(*) FROM study")).scalar_one() == 3
+            diffs = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), SQLModel.metadata)
+        assert diffs == []
     finally:
         engine.dispose()
 
