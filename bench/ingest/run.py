@@ -187,7 +187,11 @@ def run_orthanc(folder: Path, n: int, work: Path) -> Result:
         "StableAge": 60,
     }
     (root / "orthanc.json").write_text(json.dumps(config))
-    with process([ORTHANC, str(root / "orthanc.json")], log=work / "orthanc.log"):
+    # Debian's Orthanc links the system DCMTK, which leaves Nagle on unless TCP_NODELAY=1 is in
+    # the environment (storage_perf.md §3.7; upstream Orthanc builds disable it at compile
+    # time): without it every response waits for a delayed ACK (~20 instances/s).
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    with process([ORTHANC, str(root / "orthanc.json")], env=env, log=work / "orthanc.log"):
         wait_for_echo(port, "ORTHANC")
         ack = send(folder, port, "ORTHANC")
     return Result("orthanc", folder.name, n, folder_bytes(folder), ack)

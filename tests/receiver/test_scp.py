@@ -210,3 +210,46 @@ def test_duplicate_is_noop_and_changed_content_is_new_version(env: Env, scp: Run
     assert first.SeriesDescription == ds.SeriesDescription  # never overwritten
     assert second.SeriesDescription == "corrected"
     assert versions[1].sha256 != versions[0].sha256
+
+
+@pytest.mark.parametrize(
+    ("sop_class", "transfer_syntax"),
+    [
+        ("1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.1.2.4.50"),  # MR, JPEG Baseline: stored as sent
+        ("1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.1.2.4.201"),  # MR, HTJ2K lossless
+        ("1.2.826.0.1.3680043.8.498.999.1", "1.2.840.10008.1.2.1"),  # a private SOP class
+    ],
+    ids=["jpeg-baseline", "htj2k", "private-sop-class"],
+)
+def test_any_storage_class_and_transfer_syntax_is_stored_as_received(
+    env: Env, scp: RunningScp, sop_class: str, transfer_syntax: str
+) -> None:
+    from pydicom.encaps import encapsulate
+
+    (ds,) = make_small_series(1, seed=71)
+    ds.SOPClassUID = sop_class
+    ds.PixelData = encapsulate([b"\xff\xd8 not really a jpeg \xff\xd9"])
+    ds["PixelData"].VR = "OB"
+    payload = _dataset_bytes_explicit(ds)
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(sop_class, transfer_syntax)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title=AE_TITLE)
+    assert assoc.is_established
+    assert assoc.accepted_contexts[0].transfer_syntax[0] == transfer_syntax
+    assert _send_raw_store(assoc, sop_class, ds.SOPInstanceUID, payload) == status.SUCCESS
+    assoc.release()
+    assert env.ingester().drain() == 1
+    (inst,) = env.repo.list_instances(ds.SeriesInstanceUID)
+    assert inst.transfer_syntax_uid == transfer_syntax
+    assert inst.sop_class_uid == sop_class
+    assert env.store.get(inst.object_key).endswith(payload)  # the dataset bytes exactly as sent
+
+
+def _dataset_bytes_explicit(ds: Dataset) -> bytes:
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_dataset(fp, ds)
+    return fp.getvalue()
