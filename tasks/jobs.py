@@ -47,7 +47,17 @@ from tasks.context import (
 from tasks.errors import JobFailedError, JobTimedOutError, SendError, TaskError
 from tasks.execution import JobProcess, run_job_process
 from tasks.materialise import materialise_series
-from tasks.outputs import changed_files, safe_segment, snapshot, storage_requests, store_log, store_outputs
+from tasks.outputs import (
+    changed_files,
+    link_tree,
+    merge_outputs,
+    remove_tree,
+    safe_segment,
+    snapshot,
+    storage_requests,
+    store_log,
+    store_outputs,
+)
 from tasks.send import dicom_files, send_files
 from tasks.venvs import service_python
 
@@ -174,7 +184,9 @@ def run_job(settings: RuntimeSettings, run: SessionRun, job: PlannedJob) -> dict
     except TaskError as exc:
         repository.update_job(job.job_id, state=JobState.FAILED.value, error=str(exc))
         raise JobFailedError(f"job {job.name!r}: {exc}") from None
-    data_dir = Path(run.data_dir)
+    data_dir = work / "jobs" / safe_segment(job.name) / "data"  # this attempt's own $DATA
+    remove_tree(data_dir)
+    link_tree(Path(run.data_dir), data_dir)
     before = snapshot(data_dir)
     if attempt > 1:
         with log_path.open("a") as fh:
@@ -197,7 +209,7 @@ def run_job(settings: RuntimeSettings, run: SessionRun, job: PlannedJob) -> dict
                 "params": job.params,
                 "added_params": run.added_params,
             },
-            env={"DATA": run.data_dir, "MODULES": run.modules_dir, "LOGS": run.logs_dir},
+            env={"DATA": str(data_dir), "MODULES": run.modules_dir, "LOGS": run.logs_dir},
             work_dir=work / "jobs" / safe_segment(job.name),
             log_path=log_path,
             timeout=job.timeout,
@@ -206,6 +218,8 @@ def run_job(settings: RuntimeSettings, run: SessionRun, job: PlannedJob) -> dict
         on_start=started,
     )
     files = changed_files(before, snapshot(data_dir))
+    if outcome.status == "succeeded":
+        merge_outputs(data_dir, Path(run.data_dir), files)
     stored = store_outputs(repository, store, session_id=run.session_id, job_name=job.name, data_dir=data_dir, paths=files)
     log_key = store_log(store, session_id=run.session_id, job_name=job.name, log_path=log_path)
     finished = dt.datetime.fromtimestamp(outcome.finished, dt.UTC)

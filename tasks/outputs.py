@@ -2,8 +2,15 @@
 
 dcm-processor workers write their results somewhere under ``$DATA`` (the seed's dcm2nii
 writes ``DATA/nifti/<patient>/…``; our example writes ``DATA/summaries/…``), so a job's
-*output folder* is its session's ``$DATA`` minus the received DICOM (``dicom/``): every file
-that is new or changed after the job ran is that job's output. Object keys::
+*output folder* is its ``$DATA`` minus the received DICOM (``dicom/``): every file that is
+new or changed after the job ran is that job's output.
+
+Jobs of one session run side by side, so they cannot share one ``$DATA`` folder and still
+tell whose file is whose. Each job attempt gets its own ``$DATA``: a hard-linked copy of the
+session's folder (:func:`link_tree`: the received files and every earlier job's outputs, no
+bytes copied). After the job, its new files are linked back into the session's folder
+(:func:`merge_outputs`), where dependents started later find them, as in the seed's shared
+``$DATA``. Object keys::
 
     sessions/<session id>/files/<job>/<path under DATA>     one per output file
     sessions/<session id>/logs/<job>.log                     the job's stdout + stderr
@@ -21,7 +28,10 @@ from __future__ import annotations
 
 import hashlib
 import mimetypes
+import os
 import re
+import shutil
+import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +45,9 @@ if TYPE_CHECKING:
     from storage.repository import Repository
 
 __all__ = [
+    "link_tree",
+    "merge_outputs",
+    "remove_tree",
     "Snapshot",
     "snapshot",
     "changed_files",
@@ -51,6 +64,55 @@ Snapshot = dict[str, tuple[int, int]]
 """Relative posix path → (size, mtime_ns)."""
 
 _RE_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
+
+
+def link_tree(source: Path, target: Path) -> None:
+    """Recreate ``source`` at ``target`` with hard links (copies across file systems).
+
+    Folder modes are kept, so the read-only received series stays read-only.
+    """
+    target.mkdir(parents=True, exist_ok=True)
+    modes: list[tuple[Path, int]] = []
+    for root, dirs, files in os.walk(source):
+        rel = Path(root).relative_to(source)
+        for name in dirs:
+            (target / rel / name).mkdir(exist_ok=True)
+            modes.append((target / rel / name, stat.S_IMODE((Path(root) / name).stat().st_mode)))
+        for name in files:
+            src, dst = Path(root) / name, target / rel / name
+            if src.is_symlink():
+                os.symlink(os.readlink(src), dst)
+                continue
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+    for folder, mode in reversed(modes):
+        os.chmod(folder, mode)
+
+
+def merge_outputs(job_data: Path, session_data: Path, paths: Iterable[str]) -> None:
+    """Link a job's output files (relative paths) into the session's shared ``$DATA``."""
+    for rel in paths:
+        src, dst = job_data / rel, session_data / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.merge")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copy2(src, tmp)
+        os.replace(tmp, dst)
+
+
+def remove_tree(folder: Path) -> None:
+    """``rm -rf`` that also works through read-only folders."""
+    if not folder.exists():
+        return
+    for root, dirs, _ in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o755)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def snapshot(data_dir: Path, exclude: Iterable[str] = ("dicom",)) -> Snapshot:
