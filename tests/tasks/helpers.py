@@ -74,6 +74,15 @@ def flaky(jobName, headers, params, added_params, **kwargs):
     return "second time lucky"
 
 
+def study_count(jobName, headers, params, added_params, **kwargs):
+    study_dir = Path(os.environ["DATA"]) / headers["dcmpath"]
+    counts = {p.name: len(list(p.glob("*.dcm"))) for p in sorted(study_dir.iterdir())}
+    out = Path(os.environ["DATA"]) / "study" / "counts.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"counts": counts, "seriesIds": headers["seriesIds"], "added": added_params[jobName]}))
+    return counts
+
+
 def dicom_out(jobName, headers, params, added_params, **kwargs):
     import pydicom
     from pydicom.uid import generate_uid
