@@ -8,25 +8,27 @@ their series (:meth:`~storage.repository.Repository.claim_due_studies`).
 
 One :meth:`CompletenessMonitor.tick`
 ------------------------------------
-1. **New studies** → ``dicom.study.received``. Studies with a series still receiving
-   (``list_series(state="receiving")``, served by the ``(state, last_received_at)`` index)
-   that are at revision 1 and not yet announced by this monitor are announced. A study at
-   revision 1 is also announced right before its first ``dicom.study.stable`` if it was not
-   (a study that arrived complete between two ticks).
-2. **Series** → claim due series, build ``dicom.series.stable`` for each, emit them, flush the
-   emitter, and only then ``mark_series_emitted(uid, revision)``.
-3. **Studies** → the same with ``claim_due_studies`` / ``dicom.study.stable`` /
-   ``mark_study_emitted``.
-4. **Recovery** (at the first tick, then every ``recovery_interval``): stable series and studies
-   whose current revision was claimed more than ``reemit_after`` ago but never marked
-   emitted are emitted again and marked.
+1. **New studies** → ``dicom.study.received``: ``claim_received_studies`` hands each study
+   not yet announced to one monitor (a claim left unmarked for ``reemit_after`` is taken
+   over); emit, flush, then ``mark_study_received_emitted``.
+2. **Series** → claim due series, build ``dicom.series.stable`` for each (the claim carries
+   what the revision added), emit them, flush the emitter, and only then
+   ``mark_series_emitted(uid, revision)``.
+3. **Recovery of series** (at the first tick, then every ``recovery_interval``): stable
+   series whose current revision was claimed more than ``reemit_after`` ago but never marked
+   emitted (``list_unemitted_series``, a partial index of exactly those) are emitted again.
+4. **Studies** → the same with ``claim_due_studies`` / ``dicom.study.stable`` /
+   ``mark_study_emitted``. The repository claims a study only when its received event and
+   the current revision of every one of its series were marked emitted, so
+   ``dicom.study.stable`` always follows them, recovered ones included (step 3 runs first).
+5. **Recovery of studies**: as step 3, with ``list_unemitted_studies``.
 
 Why each (series, revision) reaches Prefect once
 ------------------------------------------------
 The claim is exactly-once (database), but emitting and recording "emitted" cannot be one
 transaction with Prefect. So the monitor is **at-least-once with an idempotent event id**:
 
-* crash after the claim, before or during the emit: the row is stable but not marked; the
+* crash after the claim, before or during the emit: the row is claimed but not marked; the
   recovery step of any monitor (this one after a restart, or another receiver) emits it
   again after ``reemit_after``;
 * crash after the emit, before the mark: same, and the re-sent event carries the same id
@@ -37,14 +39,14 @@ transaction with Prefect. So the monitor is **at-least-once with an idempotent e
 * after a mark, :meth:`~storage.repository.Repository.mark_series_emitted` returns True only
   once per (series, revision), and nothing re-emits a marked revision.
 
+``dicom.study.received`` follows the same rules with its own claim/mark columns on the study
+row, so it too is sent once per study whatever the number of receivers or restarts (again
+only a crash between emit and mark re-sends it, with the same id).
+
 A late instance for a stable series is recorded as revision n+1 (by ``record_instances``);
 the monitor then emits revision n+1 with what was added: ``added_instance_count`` and the
-``added_sop_uids`` (instance versions whose ``series_revision`` is n+1).
-
-``dicom.study.received`` has no "emitted" column in the database, so this monitor remembers
-what it announced in memory; after a restart, or with several receivers, a study still
-arriving may be announced again, always with the same id (de-duplicated by Prefect). A
-``received_emitted`` study column claimed like the others would make it exactly-once.
+``added_sop_uids`` (instance versions whose ``series_revision`` is n+1), both computed by the
+repository in the claim transaction.
 """
 
 from __future__ import annotations
@@ -54,12 +56,12 @@ import logging
 import os
 import socket
 import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from receiver.events import (
+    STUDY_RECEIVED,
     Emitter,
     EventSpec,
     StudySeen,
@@ -67,12 +69,10 @@ from receiver.events import (
     study_received_event,
     study_stable_event,
 )
-from storage.models import SeriesState
-from storage.repository import DEFAULT_ASSOCIATION_TIMEOUT, SeriesClaim, StudyClaim
+from storage.repository import DEFAULT_ASSOCIATION_TIMEOUT
 
 if TYPE_CHECKING:
-    from storage.models import SeriesPublic, StudyPublic
-    from storage.repository import Repository
+    from storage.repository import Repository, StudyClaim, StudyReceivedClaim
 
 __all__ = [
     "DEFAULT_INTERVAL",
@@ -94,8 +94,6 @@ DEFAULT_REEMIT_AFTER = dt.timedelta(seconds=60)
 
 DEFAULT_RECOVERY_INTERVAL = dt.timedelta(seconds=30)
 """How often the recovery step looks for claimed-but-unemitted series and studies."""
-
-_ANNOUNCED_MAX = 10_000
 
 
 def default_claimer() -> str:
@@ -119,17 +117,15 @@ class MonitorOptions:
     interval : float
         Seconds between ticks of the thread.
     claim_limit : int
-        Series (and studies) claimed per repository call; a tick loops until none is due.
+        Studies or series claimed per repository call; a tick loops until none is due.
     association_timeout : datetime.timedelta
         Open-association rows untouched this long stop blocking stability.
     reemit_after : datetime.timedelta
-        Grace before a claimed-but-unmarked revision is emitted again.
+        Grace before a claimed-but-unmarked event is emitted again (by any monitor).
     recovery_interval : datetime.timedelta
         Period of the recovery step.
     recovery_scan : int
-        Most recent stable series / studies the recovery step looks at.
-    new_study_scan : int
-        Receiving series looked at per tick to find new studies.
+        Claimed-but-unmarked series (and studies) the recovery step re-emits per run.
     flush_timeout : float
         Seconds ``Emitter.flush`` may take before the batch counts as not sent.
     """
@@ -141,23 +137,23 @@ class MonitorOptions:
     reemit_after: dt.timedelta = DEFAULT_REEMIT_AFTER
     recovery_interval: dt.timedelta = DEFAULT_RECOVERY_INTERVAL
     recovery_scan: int = 1000
-    new_study_scan: int = 500
     flush_timeout: float = 10.0
 
 
 @dataclass
 class TickReport:
-    """What one tick did."""
+    """What one tick did (only events that were sent and marked by this monitor)."""
 
     received: list[EventSpec] = field(default_factory=list)
     series: list[EventSpec] = field(default_factory=list)
     studies: list[EventSpec] = field(default_factory=list)
     recovered: list[EventSpec] = field(default_factory=list)
     unsent: int = 0  # claims whose event could not be sent (left for recovery)
+    order: list[EventSpec] = field(default_factory=list)  # every event sent, in sending order
 
     @property
     def events(self) -> list[EventSpec]:
-        """Every event emitted by the tick, in order."""
+        """Every event emitted by the tick, grouped by kind (``order`` has the sending order)."""
         return [*self.received, *self.series, *self.studies, *self.recovered]
 
 
@@ -194,7 +190,6 @@ class CompletenessMonitor:
         self.options = options
         self.claimer = claimer or default_claimer()
         self._clock = clock
-        self._announced: OrderedDict[str, None] = OrderedDict()
         self._next_recovery: dt.datetime | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -251,37 +246,54 @@ class CompletenessMonitor:
         -------
         TickReport
         """
+        opts = self.options
         with self._tick_lock:
             report = TickReport()
-            self._announce_new_studies(now, report)
+            while True:
+                received = self.repository.claim_received_studies(
+                    now=now, claimer=self.claimer, limit=opts.claim_limit, reclaim_after=opts.reemit_after
+                )
+                if not received:
+                    break
+                sent = self._emit_and_mark([self._received_event(c, now) for c in received], report)
+                report.received.extend(sent)
+                if len(received) < opts.claim_limit or len(sent) < len(received):
+                    break
             while True:
                 claims = self.repository.claim_due_series(
                     now=now,
-                    default_stable_age=self.options.stable_age,
+                    default_stable_age=opts.stable_age,
                     claimer=self.claimer,
-                    limit=self.options.claim_limit,
-                    association_timeout=self.options.association_timeout,
+                    limit=opts.claim_limit,
+                    association_timeout=opts.association_timeout,
                 )
                 if not claims:
                     break
-                specs = [self._series_event(c) for c in claims]
-                report.series.extend(self._emit_and_mark(specs, report))
-                if len(claims) < self.options.claim_limit:
+                report.series.extend(self._emit_and_mark([series_stable_event(c) for c in claims], report))
+                if len(claims) < opts.claim_limit:
                     break
+            recovering = self._next_recovery is None or now >= self._next_recovery
+            if recovering:
+                # Before the studies: a study is claimable only once its series are marked.
+                lost = self.repository.list_unemitted_series(now - opts.reemit_after, limit=opts.recovery_scan)
+                if lost:
+                    log.warning("completeness: %d series were claimed but never emitted; emitting them again", len(lost))
+                    report.recovered.extend(self._emit_and_mark([series_stable_event(c) for c in lost], report))
             while True:
-                study_claims = self.repository.claim_due_studies(
-                    now=now, claimer=self.claimer, limit=self.options.claim_limit
-                )
+                study_claims = self.repository.claim_due_studies(now=now, claimer=self.claimer, limit=opts.claim_limit)
                 if not study_claims:
                     break
-                self._ensure_announced(study_claims, now, report)
-                specs = [self._study_event(c) for c in study_claims]
-                report.studies.extend(self._emit_and_mark(specs, report))
-                if len(study_claims) < self.options.claim_limit:
+                report.studies.extend(self._emit_and_mark([self._study_event(c) for c in study_claims], report))
+                if len(study_claims) < opts.claim_limit:
                     break
-            if self._next_recovery is None or now >= self._next_recovery:
-                self._recover(now, report)
-                self._next_recovery = now + self.options.recovery_interval
+            if recovering:
+                lost_studies = self.repository.list_unemitted_studies(now - opts.reemit_after, limit=opts.recovery_scan)
+                if lost_studies:
+                    log.warning(
+                        "completeness: %d studies were claimed but never emitted; emitting them again", len(lost_studies)
+                    )
+                    report.recovered.extend(self._emit_and_mark([self._study_event(c) for c in lost_studies], report))
+                self._next_recovery = now + opts.recovery_interval
             return report
 
     # ------------------------------------------------------------------ emitting
@@ -298,28 +310,34 @@ class CompletenessMonitor:
         report.unsent += len(specs) - len(accepted)
         marked = []
         for spec in accepted:
-            uid = spec.payload["series_uid"] if "series_uid" in spec.payload else spec.payload["study_uid"]
-            revision = int(spec.payload["revision"])
-            if "series_uid" in spec.payload:
-                first = self.repository.mark_series_emitted(uid, revision)
-            else:
-                first = self.repository.mark_study_emitted(uid, revision)
-            if first:
+            if self._mark(spec):
                 marked.append(spec)
-                log.info("completeness: %s %s revision %d", spec.event, uid, revision)
+                log.info("completeness: %s %s revision %s", spec.event, spec.resource_id, spec.payload["revision"])
             else:  # another monitor marked it meanwhile: our copy had the same id
-                log.debug("completeness: %s %s revision %d was already marked", spec.event, uid, revision)
+                log.debug("completeness: %s %s was already marked", spec.event, spec.resource_id)
+        report.order.extend(marked)
         return marked
 
-    def _series_event(self, claim: SeriesClaim) -> EventSpec:
-        if claim.revision <= 1:
-            return series_stable_event(claim)
-        added = [
-            i.sop_uid
-            for i in self.repository.list_instances(claim.series_uid, all_versions=True)
-            if i.series_revision == claim.revision
-        ]
-        return series_stable_event(claim, added_instance_count=len(added), added_sop_uids=sorted(set(added)))
+    def _mark(self, spec: EventSpec) -> bool:
+        payload = spec.payload
+        if spec.event == STUDY_RECEIVED:
+            return self.repository.mark_study_received_emitted(payload["study_uid"])
+        if "series_uid" in payload:
+            return self.repository.mark_series_emitted(payload["series_uid"], int(payload["revision"]))
+        return self.repository.mark_study_emitted(payload["study_uid"], int(payload["revision"]))
+
+    def _received_event(self, claim: StudyReceivedClaim, now: dt.datetime) -> EventSpec:
+        seen = StudySeen(
+            study_uid=claim.study_uid,
+            patient_id=claim.patient_id,
+            modalities=claim.modalities,
+            description=claim.description,
+            calling_ae=claim.calling_ae,
+            first_received_at=claim.first_received_at,
+            series_uids=claim.series_uids,
+            instance_count=claim.instance_count,
+        )
+        return study_received_event(seen, now=now)
 
     def _study_event(self, claim: StudyClaim) -> EventSpec:
         members = self.repository.list_series(limit=10_000, study_uid=claim.study_uid)
@@ -327,125 +345,3 @@ class CompletenessMonitor:
         return study_stable_event(
             claim, calling_ae=calling_ae, series_revisions={s.series_uid: s.revision for s in members}
         )
-
-    # ------------------------------------------------------------------ dicom.study.received
-
-    def _remember(self, study_uid: str) -> None:
-        self._announced[study_uid] = None
-        self._announced.move_to_end(study_uid)
-        while len(self._announced) > _ANNOUNCED_MAX:
-            self._announced.popitem(last=False)
-
-    def _announce(self, study: StudyPublic, members: list[SeriesPublic], now: dt.datetime, report: TickReport) -> None:
-        patient = self.repository.get_patient(study.patient_id)
-        firsts = [s.first_received_at for s in members if s.first_received_at is not None]
-        ordered = sorted(members, key=lambda s: (s.first_received_at or now, s.series_uid))
-        seen = StudySeen(
-            study_uid=study.study_uid,
-            patient_id=patient.patient_id if patient is not None else "",
-            modalities=study.modalities,
-            description=study.description,
-            calling_ae=ordered[0].calling_ae if ordered else "",
-            first_received_at=min(firsts) if firsts else None,
-            series_uids=tuple(s.series_uid for s in ordered),
-            instance_count=sum(s.instance_count for s in members),
-        )
-        spec = study_received_event(seen, now=now)
-        if self.emitter.emit(spec):
-            self._remember(study.study_uid)
-            report.received.append(spec)
-
-    def _announce_new_studies(self, now: dt.datetime, report: TickReport) -> None:
-        receiving = self.repository.list_series(limit=self.options.new_study_scan, state=SeriesState.RECEIVING.value)
-        candidates = sorted({s.study_uid for s in receiving if s.study_uid not in self._announced})
-        for study_uid in candidates:
-            study = self.repository.get_study(study_uid)
-            if study is None or study.revision != 1 or study.emitted_revision is not None:
-                self._remember(study_uid)  # an old study receiving a late instance
-                continue
-            self._announce(study, self.repository.list_series(limit=10_000, study_uid=study_uid), now, report)
-        if report.received and not self.emitter.flush(self.options.flush_timeout):
-            for spec in report.received:  # try again next tick (same ids)
-                self._announced.pop(spec.payload["study_uid"], None)
-            report.received.clear()
-
-    def _ensure_announced(self, claims: list[StudyClaim], now: dt.datetime, report: TickReport) -> None:
-        for claim in claims:
-            if claim.revision != 1 or claim.study_uid in self._announced:
-                continue
-            study = self.repository.get_study(claim.study_uid)
-            if study is not None:
-                self._announce(study, self.repository.list_series(limit=10_000, study_uid=claim.study_uid), now, report)
-
-    # ------------------------------------------------------------------ recovery
-
-    def _recover(self, now: dt.datetime, report: TickReport) -> None:
-        """Emit again what was claimed long enough ago but never marked emitted."""
-        cutoff = now - self.options.reemit_after
-        series = [
-            s
-            for s in self.repository.list_series(limit=self.options.recovery_scan, state=SeriesState.STABLE.value)
-            if s.emitted_revision != s.revision and s.claimed_at is not None and s.claimed_at <= cutoff
-        ]
-        if series:
-            patients: dict[str, str] = {}
-            claims = []
-            for s in series:
-                if s.study_uid not in patients:
-                    study = self.repository.get_study(s.study_uid)
-                    patient = self.repository.get_patient(study.patient_id) if study is not None else None
-                    patients[s.study_uid] = patient.patient_id if patient is not None else ""
-                claims.append(_claim_of_series(s, patients[s.study_uid]))
-            log.warning("completeness: %d series were claimed but never emitted; emitting them again", len(claims))
-            report.recovered.extend(self._emit_and_mark([self._series_event(c) for c in claims], report))
-        studies = [
-            st
-            for st in self.repository.list_studies(limit=self.options.recovery_scan)
-            if st.state == SeriesState.STABLE.value
-            and st.emitted_revision != st.revision
-            and st.claimed_at is not None
-            and st.claimed_at <= cutoff
-        ]
-        if studies:
-            study_claims = []
-            for st in studies:
-                members = self.repository.list_series(limit=10_000, study_uid=st.study_uid)
-                patient = self.repository.get_patient(st.patient_id)
-                study_claims.append(_claim_of_study(st, members, patient.patient_id if patient is not None else ""))
-            log.warning("completeness: %d studies were claimed but never emitted; emitting them again", len(study_claims))
-            self._ensure_announced(study_claims, now, report)
-            report.recovered.extend(self._emit_and_mark([self._study_event(c) for c in study_claims], report))
-
-
-def _claim_of_series(s: SeriesPublic, patient_id: str) -> SeriesClaim:
-    """The claim a monitor made for a stable series (rebuilt from its record)."""
-    reached = s.expected_instance_count is not None and s.instance_count >= s.expected_instance_count
-    return SeriesClaim(
-        series_uid=s.series_uid,
-        study_uid=s.study_uid,
-        patient_id=patient_id,
-        modality=s.modality,
-        description=s.description,
-        revision=s.revision,
-        instance_count=s.instance_count,
-        expected_instance_count=s.expected_instance_count,
-        calling_ae=s.calling_ae,
-        first_received_at=s.first_received_at,
-        last_received_at=s.last_received_at,
-        stable_at=s.stable_at or s.claimed_at or _utcnow(),
-        reason="expected_count" if reached else "quiet",
-    )
-
-
-def _claim_of_study(st: StudyPublic, members: list[SeriesPublic], patient_id: str) -> StudyClaim:
-    """The claim a monitor made for a stable study (rebuilt from its record)."""
-    ordered = sorted(members, key=lambda s: (s.number is None, s.number or 0, s.series_uid))
-    return StudyClaim(
-        study_uid=st.study_uid,
-        patient_id=patient_id,
-        revision=st.revision,
-        series_uids=tuple(s.series_uid for s in ordered),
-        instance_count=sum(s.instance_count for s in members),
-        modalities=st.modalities,
-        stable_at=st.stable_at or st.claimed_at or _utcnow(),
-    )

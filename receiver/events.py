@@ -13,7 +13,9 @@ Events
     resource ``dicom.study.<StudyInstanceUID>``; related: the patient and up to
     :data:`MAX_RELATED_SERIES` series (role ``series``). Once per (study, revision).
 ``dicom.study.received``
-    resource ``dicom.study.<StudyInstanceUID>``; sent when a study is first seen (revision 1).
+    resource ``dicom.study.<StudyInstanceUID>``; sent when a study is first seen (revision 1),
+    once per study (claimed and marked on the study row), always before its first
+    ``dicom.study.stable``.
 
 Labels (``dicom.study-uid``, ``dicom.series-uid``, ``dicom.patient-id``, ``dicom.modality``,
 ``dicom.revision``, ``dicom.calling-ae``) are strings, as Prefect requires; the payload keeps
@@ -200,20 +202,22 @@ def series_stable_event(
     claim: SeriesClaim,
     *,
     added_instance_count: int | None = None,
-    added_sop_uids: Sequence[str] = (),
+    added_sop_uids: Sequence[str] | None = None,
 ) -> EventSpec:
     """``dicom.series.stable`` for one claimed series revision.
 
     Parameters
     ----------
     claim : SeriesClaim
-        From :meth:`storage.repository.Repository.claim_due_series`.
+        From :meth:`storage.repository.Repository.claim_due_series` (or
+        ``list_unemitted_series``), which computes what the revision added.
     added_instance_count : int, optional
-        Instance versions recorded in this revision (defaults to ``claim.instance_count``,
-        which is exact for revision 1).
-    added_sop_uids : sequence of str
-        For revision > 1: the SOP Instance UIDs that arrived in it (at most
-        :data:`MAX_ADDED_SOP_UIDS` are listed).
+        Instance versions recorded in this revision; defaults to the claim's
+        ``added_instance_count``, or to ``claim.instance_count`` when the claim has none.
+    added_sop_uids : sequence of str, optional
+        For revision > 1: the SOP Instance UIDs that arrived in it; defaults to the claim's
+        ``added_sop_uids``. At most :data:`MAX_ADDED_SOP_UIDS` are listed, and
+        ``added_sop_uids_truncated`` says whether there were more.
 
     Returns
     -------
@@ -240,7 +244,10 @@ def series_stable_event(
         },
         *_patient_related(claim.patient_id),
     ]
-    added = claim.instance_count if added_instance_count is None else added_instance_count
+    if added_instance_count is not None:
+        added = added_instance_count
+    else:
+        added = claim.instance_count if claim.added_instance_count is None else claim.added_instance_count
     payload: dict[str, Any] = {
         "series_uid": claim.series_uid,
         "study_uid": claim.study_uid,
@@ -258,9 +265,10 @@ def series_stable_event(
         "stable_at": _iso(claim.stable_at),
     }
     if claim.revision > 1:
-        uids = list(added_sop_uids)
+        uids = list(claim.added_sop_uids if added_sop_uids is None else added_sop_uids)
+        more = claim.added_sop_uids_truncated if added_sop_uids is None else False
         payload["added_sop_uids"] = uids[:MAX_ADDED_SOP_UIDS]
-        payload["added_sop_uids_truncated"] = len(uids) > MAX_ADDED_SOP_UIDS
+        payload["added_sop_uids_truncated"] = more or len(uids) > MAX_ADDED_SOP_UIDS
     return EventSpec(
         event=SERIES_STABLE,
         resource=resource,

@@ -14,7 +14,7 @@ from sqlalchemy.engine import Engine
 import storage.models as m
 from storage.db import create_engine
 from storage.errors import InvalidKeyError, RecordError
-from storage.repository import InstanceIn, RecordStatus, Repository
+from storage.repository import InstanceIn, RecordStatus, Repository, SeriesClaim
 
 T0 = dt.datetime(2025, 3, 1, 8, 0, tzinfo=dt.UTC)
 STUDY = "1.2.826.0.1.3680043.10.1"
@@ -56,6 +56,21 @@ def inst(
         series_description=f"series {series}",
         expected_instance_count=expected,
     )
+
+
+def emitted(repo: Repository, claims: list[SeriesClaim]) -> list[SeriesClaim]:
+    """Mark claimed series revisions emitted, as the monitor does after sending their events."""
+    for c in claims:
+        assert repo.mark_series_emitted(c.series_uid, c.revision) is True
+    return claims
+
+
+def announced(repo: Repository, *study_uids: str) -> None:
+    """Claim and mark ``dicom.study.received`` of every pending study (they must be these)."""
+    got = repo.claim_received_studies(now=T0, claimer="a")
+    assert sorted(c.study_uid for c in got) == sorted(study_uids)
+    for c in got:
+        assert repo.mark_study_received_emitted(c.study_uid) is True
 
 
 def test_record_multi_series_study_counts(repo: Repository) -> None:
@@ -130,10 +145,12 @@ def test_invalid_uid_writes_nothing(repo: Repository) -> None:
 
 def test_late_instance_after_stable_is_revision_2(repo: Repository) -> None:
     repo.record_instances([inst(1, n) for n in range(1, 4)])
-    claims = repo.claim_due_series(now=at(61), default_stable_age=60, claimer="a")
+    claims = emitted(repo, repo.claim_due_series(now=at(61), default_stable_age=60, claimer="a"))
     assert [(c.series_uid, c.revision, c.instance_count, c.reason) for c in claims] == [
         (f"{STUDY}.1", 1, 3, "quiet")
     ]
+    assert (claims[0].added_instance_count, claims[0].added_sop_uids) == (3, ())  # revision 1 added everything
+    announced(repo, STUDY)
     assert [c.study_uid for c in repo.claim_due_studies(now=at(62), claimer="a")] == [STUDY]
     out = repo.record_instances([inst(1, 4, received=100), inst(1, 5, received=101)])
     assert [o.series_revision for o in out] == [2, 2]
@@ -177,8 +194,9 @@ def test_open_association_blocks_claim_until_closed(repo: Repository) -> None:
     assert repo.claim_due_series(now=at(120), default_stable_age=60, claimer="a") == []
     assert repo.claim_due_studies(now=at(120), claimer="a") == []
     repo.association_closed("assoc-1")
-    claims = repo.claim_due_series(now=at(121), default_stable_age=60, claimer="a")
+    claims = emitted(repo, repo.claim_due_series(now=at(121), default_stable_age=60, claimer="a"))
     assert sorted(c.series_uid for c in claims) == [f"{STUDY}.1", f"{STUDY}.2"]
+    announced(repo, STUDY)
     study_claims = repo.claim_due_studies(now=at(122), claimer="a")
     assert [(c.study_uid, c.series_uids, c.instance_count) for c in study_claims] == [
         (STUDY, (f"{STUDY}.1", f"{STUDY}.2"), 2)
@@ -196,9 +214,10 @@ def test_stale_open_association_stops_blocking(repo: Repository) -> None:
 
 def test_study_waits_for_all_its_series(repo: Repository) -> None:
     repo.record_instances([inst(1, 1, received=0), inst(2, 1, received=50)])
-    assert len(repo.claim_due_series(now=at(61), default_stable_age=60, claimer="a")) == 1
+    announced(repo, STUDY)
+    assert len(emitted(repo, repo.claim_due_series(now=at(61), default_stable_age=60, claimer="a"))) == 1
     assert repo.claim_due_studies(now=at(61), claimer="a") == []
-    assert len(repo.claim_due_series(now=at(111), default_stable_age=60, claimer="a")) == 1
+    assert len(emitted(repo, repo.claim_due_series(now=at(111), default_stable_age=60, claimer="a"))) == 1
     claims = repo.claim_due_studies(now=at(112), claimer="a")
     assert [(c.study_uid, c.revision, c.patient_id) for c in claims] == [(STUDY, 1, "PAT-1")]
     assert repo.claim_due_studies(now=at(113), claimer="a") == []
