@@ -1,0 +1,34 @@
+"""``dcmflow jobs``: the Job records of processing runs (no Prefect needed)."""
+
+from __future__ import annotations
+
+import typer
+
+from dcmflow.cli._common import load_settings
+from dcmflow.cli._output import emit, fail
+from dcmflow.cli.process import JOB_COLUMNS
+
+app = typer.Typer(help="Job records of processing runs.", no_args_is_help=True)
+
+
+@app.command("list")
+def list_jobs(
+    series: str | None = typer.Option(None, "--series", help="Only jobs of this Series Instance UID."),
+    session: int | None = typer.Option(None, "--session", help="Only jobs of this session."),
+    state: str | None = typer.Option(None, "--state", help="Only jobs in this state (succeeded, failed, timed_out, skipped …)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """List job runs, oldest first."""
+    from sqlalchemy.exc import OperationalError, ProgrammingError
+
+    from dcmflow.wiring import repository_from
+    from storage.errors import StorageError
+
+    settings = load_settings()
+    try:
+        jobs = repository_from(settings).list_jobs(series, session_id=session, state=state)
+    except (OperationalError, ProgrammingError):
+        fail("the database has no dcmflow tables yet; run `dcmflow db upgrade` first")
+    except StorageError as exc:
+        fail(str(exc))
+    emit(jobs, as_json, columns=JOB_COLUMNS, title="jobs")

@@ -1,0 +1,128 @@
+"""``dcmflow process`` and ``dcmflow reprocess``: run the processing flow on a received series now.
+
+``--wait`` runs the flow in this process and prints the job table (exit code 1 when a job
+failed). Without it, the same command is started in the background (its own session, log
+under ``DCMFLOW_HOME/logs/``) and this one returns at once; ``dcmflow jobs list --series``
+shows progress. With no ``PREFECT_API_URL`` Prefect starts its ephemeral local server (about
+20 s the first time), so a newcomer needs no setup; runs then show in ``prefect server start``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from typing import TYPE_CHECKING
+
+import typer
+
+from dcmflow.cli._common import load_settings
+from dcmflow.cli._output import emit, fail, info
+
+if TYPE_CHECKING:
+    from dcmflow.settings import Settings
+
+__all__ = ["process", "reprocess", "JOB_COLUMNS"]
+
+JOB_COLUMNS = ["id", "session_id", "job_name", "state", "attempts", "exit_code", "started_at", "finished_at", "error"]
+"""Columns of the job table (``--json`` carries every field)."""
+
+
+def _check_series(settings: Settings, series_uid: str) -> None:
+    from sqlalchemy.exc import OperationalError, ProgrammingError
+
+    from dcmflow.wiring import repository_from
+    from storage.errors import StorageError
+    from storage.keys import is_valid_uid
+
+    if not is_valid_uid(series_uid):
+        fail(f"invalid Series Instance UID: {series_uid!r} (expected digits and dots, at most 64 characters)")
+    try:
+        found = repository_from(settings).get_series(series_uid)
+    except (OperationalError, ProgrammingError):
+        fail("the database has no dcmflow tables yet; run `dcmflow db upgrade` first")
+    except StorageError as exc:
+        fail(str(exc))
+    if found is None:
+        fail(f"no received series {series_uid}")
+
+
+def _background(settings: Settings, args: list[str], series_uid: str) -> None:
+    logs = settings.home / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log_path = logs / f"process-{series_uid}-{int(time.time())}.log"
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from dcmflow.cli import main; main()", *args, "--wait"],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    info(f"started in the background (pid {proc.pid}); log: {log_path}")
+    info(f"follow it with: dcmflow jobs list --series {series_uid}")
+
+
+def _run(settings: Settings, series_uid: str, *, only_jobs: list[str] | None, trigger: str,
+         max_parallel: int | None, as_json: bool) -> None:
+    from dcmflow.wiring import repository_from
+    from flows.process import process_series, reprocess
+    from tasks.errors import TaskError
+
+    before = {j.session_id for j in repository_from(settings).list_jobs(series_uid)}
+    try:
+        if trigger == "reprocess":
+            state = reprocess(series_uid, only_jobs=only_jobs, max_parallel=max_parallel, return_state=True)
+        else:
+            state = process_series(series_uid, only_jobs=only_jobs, max_parallel=max_parallel, return_state=True)
+    except TaskError as exc:
+        fail(str(exc))
+    jobs = [j for j in repository_from(settings).list_jobs(series_uid) if j.session_id not in before]
+    if state.is_failed() and not jobs:
+        fail(state.message or "the flow run failed")
+    emit(jobs, as_json, columns=JOB_COLUMNS, title=f"jobs of series {series_uid}")
+    if not jobs:
+        info("no service selected this series: nothing ran")
+    if not state.is_completed():
+        fail(state.message or f"flow run ended {state.name}")
+
+
+def process(
+    series_uid: str = typer.Argument(..., help="Series Instance UID of a received series."),
+    wait: bool = typer.Option(False, "--wait", help="Run here and wait; print the job table."),
+    max_parallel: int | None = typer.Option(None, "--max-parallel", min=1, help="Jobs at once (default DCMFLOW_MAX_PARALLEL_JOBS or 4)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the job records as JSON (with --wait)."),
+) -> None:
+    """Run the services on a received series now (the process-series flow)."""
+    settings = load_settings()
+    _check_series(settings, series_uid)
+    if not wait:
+        extra = ["--max-parallel", str(max_parallel)] if max_parallel else []
+        _background(settings, ["process", series_uid, *extra], series_uid)
+        return
+    _run(settings, series_uid, only_jobs=None, trigger="manual", max_parallel=max_parallel, as_json=as_json)
+
+
+def reprocess(
+    series_uid: str = typer.Argument(..., help="Series Instance UID of a received series."),
+    job: list[str] = typer.Option([], "--job", help="Re-run only this job and what depends on it (repeatable)."),
+    wait: bool = typer.Option(False, "--wait", help="Run here and wait; print the job table."),
+    max_parallel: int | None = typer.Option(None, "--max-parallel", min=1, help="Jobs at once."),
+    as_json: bool = typer.Option(False, "--json", help="Print the job records as JSON (with --wait)."),
+) -> None:
+    """Re-run a series with the current service versions, as a new session."""
+    settings = load_settings()
+    _check_series(settings, series_uid)
+    if job:
+        from dcmflow.wiring import repository_from
+
+        known = {j.job_name for s in repository_from(settings).list_services() for j in s.jobs}
+        unknown = [name for name in job if name not in known]
+        if unknown:
+            fail(f"no installed job named {unknown[0]!r} (installed: {', '.join(sorted(known)) or 'none'})")
+    if not wait:
+        extra = [a for name in job for a in ("--job", name)]
+        extra += ["--max-parallel", str(max_parallel)] if max_parallel else []
+        _background(settings, ["reprocess", series_uid, *extra], series_uid)
+        return
+    _run(settings, series_uid, only_jobs=job or None, trigger="reprocess", max_parallel=max_parallel, as_json=as_json)
