@@ -11,6 +11,7 @@ For every spool file, oldest first (:meth:`receiver.spool.Spool.pending`):
 2. put the bytes under the immutable key ``instances/{study}/{series}/{sop}.dcm`` with
    ``put_if_absent``, taking the SHA-256 from the store's single streaming pass. If that key holds other bytes (a re-send with different content), put
    them under :func:`storage.keys.instance_version_key` instead; identical bytes are a no-op;
+   Puts run in a small thread pool (``store_threads``), in arrival order per SOP Instance UID;
 3. every ``batch_size`` instances or ``batch_seconds`` after the first, whichever comes first,
    ``Repository.record_instances`` in one transaction (which decides new / duplicate / new
    version from the hashes);
@@ -35,7 +36,9 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -71,6 +74,9 @@ DEFAULT_BATCH_SIZE = 200
 
 DEFAULT_BATCH_SECONDS = 0.2
 """A batch is recorded at the latest this long after its first instance was prepared."""
+
+DEFAULT_STORE_THREADS = 8
+"""Object puts in flight per ingest worker."""
 
 _T = TypeVar("_T")
 
@@ -126,12 +132,17 @@ class IngestOptions:
         Pause between spool scans when idle.
     backoff_max : float
         Longest pause between retries during an outage.
+    store_threads : int
+        Object puts in flight at once. Puts wait on fsync (local store) or the network (S3),
+        not on the CPU, so overlapping them lets the file system merge their journal commits
+        (or the S3 endpoint serve them in parallel) while parsing continues.
     """
 
     batch_size: int = DEFAULT_BATCH_SIZE
     batch_seconds: float = DEFAULT_BATCH_SECONDS
     poll_seconds: float = 0.02
     backoff_max: float = 10.0
+    store_threads: int = DEFAULT_STORE_THREADS
 
 
 @dataclass(frozen=True)
@@ -288,6 +299,7 @@ class Ingester:
         self.options = options
         self._should_stop = should_stop or (lambda: False)
         self._outage: str | None = None
+        self._pool: ThreadPoolExecutor | None = None
         self.reports: list[BatchReport] = []
 
     # -- retries ------------------------------------------------------------------------------
@@ -354,8 +366,8 @@ class Ingester:
             pass  # the key is named by the hash: whatever is there holds these bytes
         return _with_key(item, key)
 
-    def _prepare(self, entry: SpoolEntry) -> tuple[InstanceIn, int] | None:
-        """Parse, hash and store one spool file; ``None`` if it was rejected."""
+    def _parse(self, entry: SpoolEntry) -> tuple[InstanceIn, bytes] | None:
+        """Read and parse one spool file; ``None`` if it is gone or was rejected."""
         try:
             raw = entry.path.read_bytes()
         except FileNotFoundError:
@@ -368,8 +380,27 @@ class Ingester:
         except Exception as exc:
             self.spool.reject(entry, f"does not parse: {type(exc).__name__}: {exc}")
             return None
+        return item, raw
+
+    def _prepare(self, entry: SpoolEntry) -> tuple[InstanceIn, int] | None:
+        """Parse and store one spool file (serially); ``None`` if it was rejected."""
+        parsed = self._parse(entry)
+        if parsed is None:
+            return None
+        item, raw = parsed
         stored = self._retry("object store", lambda: self._store_object(raw, item))
         return stored, len(raw)
+
+    def _submit_store(self, raw: bytes, item: InstanceIn) -> Future[InstanceIn]:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.options.store_threads, thread_name_prefix="ingest-put")
+        return self._pool.submit(self._retry, "object store", partial(self._store_object, raw, item))
+
+    def close(self) -> None:
+        """Stop the put threads (the Ingester can still be used; they restart on demand)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     # -- batches ------------------------------------------------------------------------------
 
@@ -387,7 +418,8 @@ class Ingester:
         """
         opts = self.options
         entries: list[SpoolEntry] = []
-        items: list[InstanceIn] = []
+        stores: list[Future[InstanceIn]] = []
+        by_sop: dict[str, Future[InstanceIn]] = {}
         size = 0
         rejected = 0
         taken: set[str] = set()
@@ -405,13 +437,19 @@ class Ingester:
             ][: opts.batch_size - len(entries)]
             for entry in fresh:
                 taken.add(entry.name)
-                prepared = self._prepare(entry)
-                if prepared is None:
+                parsed = self._parse(entry)
+                if parsed is None:
                     rejected += 1
                     continue
+                item, raw = parsed
+                earlier = by_sop.get(item.sop_uid)
+                if earlier is not None:
+                    earlier.result()  # versions of one SOP reach the store in arrival order
+                future = self._submit_store(raw, item)
+                by_sop[item.sop_uid] = future
                 entries.append(entry)
-                items.append(prepared[0])
-                size += prepared[1]
+                stores.append(future)
+                size += len(raw)
                 if deadline is None:
                     deadline = time.monotonic() + opts.batch_seconds
             now = time.monotonic()
@@ -425,6 +463,7 @@ class Ingester:
                 if deadline is None:
                     break  # nothing at all: let the caller idle
                 time.sleep(opts.poll_seconds)
+        items = [future.result() for future in stores]  # raises _Stopped during an outage + stop
         if not items:
             return None if not rejected else BatchReport(self.worker_index, 0, 0, 0, 0, rejected, 0, 0.0)
         outcomes = self._record(items)
@@ -462,6 +501,7 @@ class Ingester:
                 break
             if report is None:
                 time.sleep(self.options.poll_seconds)
+        self.close()
         log.info("ingest[%d]: stopped", self.worker_index)
 
 
