@@ -19,7 +19,7 @@ import io
 import logging
 import time
 import zlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
@@ -30,6 +30,7 @@ from receiver.p10 import SERIES_UID, SOP_UID, STUDY_UID, file_meta, scan_uids
 from storage.keys import is_valid_uid
 
 if TYPE_CHECKING:
+    from pynetdicom.dimse_primitives import C_STORE
     from pynetdicom.events import Event
 
     from receiver.associations import AssociationTracker, CallerPolicy
@@ -132,7 +133,7 @@ def handle_store(event: Event, spool: Spool, tracker: AssociationTracker) -> int
         the spool is below its watermark or the write failed.
     """
     try:
-        request = event.request
+        request = cast("C_STORE", event.request)
         info = tracker.info(event.assoc)
         affected = str(request.AffectedSOPInstanceUID or "").strip("\0 ")
         if not is_valid_uid(affected):
@@ -184,7 +185,8 @@ def handle_requested(event: Event, policy: CallerPolicy, tracker: AssociationTra
     """
     try:
         assoc = event.assoc
-        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+        primitive = assoc.requestor.primitive
+        calling = str(primitive.calling_ae_title if primitive is not None else "").strip()
         address = str(assoc.requestor.address)
         allowed, reason = policy.allows(calling, address)
         if not allowed:

@@ -35,7 +35,7 @@ import multiprocessing.context
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import partial
@@ -572,7 +572,7 @@ def _process_main(
 class IngestPool:
     """Ingest worker processes started by :func:`start_ingest_processes`."""
 
-    def __init__(self, processes: list[multiprocessing.process.BaseProcess], stop: Any) -> None:
+    def __init__(self, processes: Sequence[multiprocessing.process.BaseProcess], stop: Any) -> None:
         self.processes = processes
         self._stop = stop
 

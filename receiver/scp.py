@@ -137,7 +137,7 @@ def build_ae(config: ScpConfig) -> AE:
     _config.UNRESTRICTED_STORAGE_SERVICE = config.unrestricted_storage
     if not config.unrestricted_storage:
         for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)  # type: ignore[arg-type]
     ae.add_supported_context(Verification)
     ae.maximum_pdu_size = 0
     ae.maximum_associations = config.maximum_associations
@@ -184,9 +184,11 @@ def start_scp(
         (evt.EVT_ABORTED, handle_closed, [tracker]),
         (evt.EVT_CONN_CLOSE, handle_closed, [tracker]),
     ]
-    return ae.start_server(
+    server = ae.start_server(
         (config.host, config.port),
         block=False,
         evt_handlers=handlers,  # type: ignore[arg-type]
         ssl_context=tls_context(config),
     )
+    assert server is not None  # block=False always returns the server
+    return server

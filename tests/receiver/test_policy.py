@@ -108,3 +108,34 @@ def test_policy_survives_a_failing_peer_source() -> None:
     assert policy.allows("GOODPEER", "203.0.113.9")[0]  # last known peers kept
     assert not policy.allows("OTHER", "203.0.113.9")[0]
     assert CallerPolicy().allows("X", "::ffff:127.0.0.1")[0]  # IPv4-mapped loopback
+
+
+def test_tls_association(env: Env, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Optional TLS (PS3.15 B.1): a self-signed certificate, a pynetdicom SCU verifying it."""
+    import shutil
+    import ssl
+
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )
+    port = free_port()
+    config = ScpConfig(ae_title=AE_TITLE, host="127.0.0.1", port=port, tls_cert=cert, tls_key=key)
+    server = start_scp(config, env.spool, AssociationTracker(), CallerPolicy())
+    try:
+        client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
+        ae = AE(ae_title="TLSSCU")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", port, ae_title=AE_TITLE, tls_args=(client, "127.0.0.1"))
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == status.SUCCESS
+        assoc.release()
+        plain = _echo(port, "PLAIN")  # a cleartext caller cannot associate
+        assert not plain.is_established
+    finally:
+        server.shutdown()
