@@ -572,6 +572,7 @@ class Study(StudyBase, table=True):
     __table_args__ = (
         sa.Index(
             "ix_study_unemitted",
+            "state",
             "claimed_at",
             postgresql_where=sa.text(UNEMITTED_PREDICATE),
             sqlite_where=sa.text(UNEMITTED_PREDICATE),
@@ -631,13 +632,16 @@ class Series(SeriesBase, table=True):
     """Table of series; ``(state, last_received_at)`` indexed for the completeness scan.
 
     ``ix_series_unemitted`` is partial: only stable series whose current revision was not
-    marked emitted are in it, so the monitor's recovery step reads only those.
+    marked emitted are in it, so the monitor's recovery step reads only those. Its leading
+    ``state`` column (constant inside it) lets SQLite's planner prefer it over
+    ``ix_series_state_last_received_at`` for the same ``state = 'stable'`` term.
     """
 
     __table_args__ = (
         sa.Index("ix_series_state_last_received_at", "state", "last_received_at"),
         sa.Index(
             "ix_series_unemitted",
+            "state",
             "claimed_at",
             postgresql_where=sa.text(UNEMITTED_PREDICATE),
             sqlite_where=sa.text(UNEMITTED_PREDICATE),

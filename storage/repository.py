@@ -1113,7 +1113,7 @@ class Repository:
         due = (
             sa.select(T_STUDY.c.id)
             .where(sa.text(m.RECEIVED_UNEMITTED_PREDICATE), claimable)
-            .order_by(T_STUDY.c.id)
+            .order_by(T_STUDY.c.received_claimed_at.nulls_first(), T_STUDY.c.id)  # new studies first
             .limit(limit)
         )
         with write_transaction(self.engine) as conn:

@@ -61,11 +61,11 @@ def upgrade() -> None:
     )
 
     op.create_index(
-        'ix_series_unemitted', 'series', ['claimed_at'], unique=False,
+        'ix_series_unemitted', 'series', ['state', 'claimed_at'], unique=False,
         postgresql_where=sa.text(UNEMITTED), sqlite_where=sa.text(UNEMITTED),
     )
     op.create_index(
-        'ix_study_unemitted', 'study', ['claimed_at'], unique=False,
+        'ix_study_unemitted', 'study', ['state', 'claimed_at'], unique=False,
         postgresql_where=sa.text(UNEMITTED), sqlite_where=sa.text(UNEMITTED),
     )
     op.create_index(
