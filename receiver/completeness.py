@@ -228,7 +228,8 @@ class CompletenessMonitor:
                     self._failing = False
             except Exception as exc:  # the database may be down: keep trying, log once
                 if not self._failing:
-                    log.error("completeness: tick failed, retrying: %s: %s", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+                    first = str(exc).splitlines()[0] if str(exc) else ""
+                    log.error("completeness: tick failed, retrying: %s: %s", type(exc).__name__, first)
                     self._failing = True
             self._stop.wait(self.options.interval)
 
@@ -277,7 +278,9 @@ class CompletenessMonitor:
                 # Before the studies: a study is claimable only once its series are marked.
                 lost = self.repository.list_unemitted_series(now - opts.reemit_after, limit=opts.recovery_scan)
                 if lost:
-                    log.warning("completeness: %d series were claimed but never emitted; emitting them again", len(lost))
+                    log.warning(
+                        "completeness: %d series were claimed but never emitted; emitting them again", len(lost)
+                    )
                     report.recovered.extend(self._emit_and_mark([series_stable_event(c) for c in lost], report))
             while True:
                 study_claims = self.repository.claim_due_studies(now=now, claimer=self.claimer, limit=opts.claim_limit)
@@ -290,7 +293,8 @@ class CompletenessMonitor:
                 lost_studies = self.repository.list_unemitted_studies(now - opts.reemit_after, limit=opts.recovery_scan)
                 if lost_studies:
                     log.warning(
-                        "completeness: %d studies were claimed but never emitted; emitting them again", len(lost_studies)
+                        "completeness: %d studies were claimed but never emitted; emitting them again",
+                        len(lost_studies),
                     )
                     report.recovered.extend(self._emit_and_mark([self._study_event(c) for c in lost_studies], report))
                 self._next_recovery = now + opts.recovery_interval

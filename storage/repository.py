@@ -1002,7 +1002,9 @@ class Repository:
             return self._study_claims(conn, claimed, stable_at=now)
 
     @staticmethod
-    def _study_claims(conn: Connection, ids: Sequence[int], *, stable_at: dt.datetime | None = None) -> list[StudyClaim]:
+    def _study_claims(
+        conn: Connection, ids: Sequence[int], *, stable_at: dt.datetime | None = None
+    ) -> list[StudyClaim]:
         """Claims of these study rows (oldest receipt first); ``stable_at`` overrides the rows' own."""
         studies = conn.execute(
             sa.select(T_STUDY, T_PATIENT.c.patient_id.label("dicom_patient_id"))

@@ -223,10 +223,9 @@ def test_restart_after_a_crash_between_emit_and_mark_resends_the_same_event(repo
 
     rec = RecordingEmitter()
     restarted = monitor(repo, rec)
-    assert restarted.tick(s(70)).series == []  # the claim is too fresh to be taken for lost
+    assert restarted.tick(s(70)).events == []  # the claim is too fresh to be taken for lost
     report = restarted.tick(s(125))  # > reemit_after (60 s) since the claim, recovery due
     assert [e.id for e in report.recovered if e.event == SERIES_STABLE] == [sent_before_crash[0].id]
-    # The study was claimed (its series are stable) and emitted at s(70), once.
     assert [e.event for e in rec.events].count(STUDY_STABLE) == 1
     assert repo.get_series(SERIES).emitted_revision == 1  # type: ignore[union-attr]
 
@@ -264,7 +263,16 @@ def test_two_monitors_on_one_database_never_double_emit(repo: Repository) -> Non
     for st in range(n_studies):
         for se in range(n_series):
             record(repo, uid(10, st), uid(10, st, se), 3, s(se))
-    emitters = [RecordingEmitter(), RecordingEmitter()]
+    shared: list[EventSpec] = []  # both monitors' events in the order they were emitted
+    lock = threading.Lock()
+
+    class Shared(RecordingEmitter):
+        def emit(self, spec: EventSpec) -> bool:
+            with lock:
+                shared.append(spec)
+                return super().emit(spec)
+
+    emitters = [Shared(), Shared()]
     monitors = [
         CompletenessMonitor(repo, em, MonitorOptions(stable_age=AGE, claim_limit=2), claimer=f"rx{i}")
         for i, em in enumerate(emitters)
@@ -291,9 +299,107 @@ def test_two_monitors_on_one_database_never_double_emit(repo: Repository) -> Non
     assert len(counts) == n_studies * (n_series + 1)
     assert set(counts.values()) == {1}, [k for k, v in counts.items() if v > 1]
     received = [e for em in emitters for e in em.events if e.event == STUDY_RECEIVED]
-    # received has no database marker: both may announce a study, always with one id per study
-    assert len({e.id for e in received}) == n_studies
-    assert {e.payload["study_uid"] for e in received} == {uid(10, st) for st in range(n_studies)}
+    assert sorted(e.payload["study_uid"] for e in received) == [uid(10, st) for st in range(n_studies)]
+    # and for each study: received, then every series, then the study, whichever monitor sent them
+    for st in range(n_studies):
+        mine = [e.event for e in shared if e.payload["study_uid"] == uid(10, st)]
+        assert mine == [STUDY_RECEIVED] + [SERIES_STABLE] * n_series + [STUDY_STABLE], mine
+
+
+def test_study_stable_never_precedes_a_recovered_series_stable(repo: Repository) -> None:
+    """A crash between emitting and marking a series leaves its study unclaimable: the study
+    event waits for the recovered series event, in the tick that recovers it, after it."""
+    other = uid(1, 2)
+
+    class CrashOnSeriesFlush(RecordingEmitter):
+        def flush(self, timeout: float = 10.0) -> bool:
+            if any(e.payload.get("series_uid") == SERIES for e in self.named(SERIES_STABLE)):
+                raise SystemExit("receiver killed")
+            return True
+
+    record(repo, STUDY, SERIES, 3, s(0))
+    record(repo, STUDY, other, 2, s(30))
+    crashed = CrashOnSeriesFlush()
+    with pytest.raises(SystemExit):
+        monitor(repo, crashed).tick(s(61))  # SERIES due and sent, killed before its mark
+    assert names(crashed.events) == [
+        (STUDY_RECEIVED, f"dicom.study.{STUDY}", 1),
+        (SERIES_STABLE, f"dicom.series.{SERIES}", 1),
+    ]
+
+    rec = RecordingEmitter()
+    restarted = monitor(repo, rec)
+    # the other series becomes stable and is emitted; the study is complete, but SERIES is
+    # claimed-not-marked and too fresh to recover: no dicom.study.stable yet
+    assert names(restarted.tick(s(95)).events) == [(SERIES_STABLE, f"dicom.series.{other}", 1)]
+    assert repo.get_study(STUDY).state == "receiving"  # type: ignore[union-attr]
+    assert restarted.tick(s(120)).events == []  # recovery ran at 95; next is due at 125
+    report = restarted.tick(s(125))
+    assert names(report.order) == [
+        (SERIES_STABLE, f"dicom.series.{SERIES}", 1),
+        (STUDY_STABLE, f"dicom.study.{STUDY}", 1),
+    ]
+    assert names(report.recovered) == [(SERIES_STABLE, f"dicom.series.{SERIES}", 1)]
+    assert [e.event for e in rec.events] == [SERIES_STABLE, SERIES_STABLE, STUDY_STABLE]
+    assert report.studies[0].payload["series_uids"] == [SERIES, other]
+    assert restarted.tick(s(10_000)).events == []
+
+
+def test_received_is_sent_once_across_a_crash_and_two_monitors(repo: Repository) -> None:
+    class CrashOnFlush(RecordingEmitter):
+        def flush(self, timeout: float = 10.0) -> bool:
+            raise SystemExit("receiver killed")
+
+    record(repo, STUDY, SERIES, 2, s(0))
+    with pytest.raises(SystemExit):
+        monitor(repo, CrashOnFlush()).tick(s(1))  # claimed and sent, never marked
+    other_rec, rec = RecordingEmitter(), RecordingEmitter()
+    other, restarted = monitor(repo, other_rec), monitor(repo, rec)
+    assert other.tick(s(30)).received == [] and restarted.tick(s(31)).received == []  # the claim is fresh
+    late = restarted.tick(s(62))  # claimed 61 s ago: taken over, sent again with the same id
+    assert names(late.received) == [(STUDY_RECEIVED, f"dicom.study.{STUDY}", 1)]
+    assert late.received[0].id == event_id(STUDY_RECEIVED, f"dicom.study.{STUDY}", 1)
+    assert late.received[0].payload["series_uids"] == [SERIES] and late.received[0].payload["instance_count"] == 2
+    assert other.tick(s(63)).received == []
+    assert monitor(repo, RecordingEmitter()).tick(s(5000)).received == []  # another restart: marked
+    assert len(rec.named(STUDY_RECEIVED)) + len(other_rec.named(STUDY_RECEIVED)) == 1
+    study = repo.get_study(STUDY)
+    assert study is not None and study.received_emitted_at is not None and study.received_claimed_by == "test"
+
+
+def test_the_monitor_reads_claims_not_instance_lists_or_recent_rows(
+    repo: Repository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Revision n+1 payloads come from the claim, and recovery from the unemitted listings."""
+
+    def forbidden(*args: object, **kw: object) -> None:
+        raise AssertionError("the monitor must not scan these")
+
+    monkeypatch.setattr(repo, "list_instances", forbidden)
+    monkeypatch.setattr(repo, "list_studies", forbidden)
+    original_list_series = repo.list_series
+
+    def list_series(*args: object, **kw: object) -> object:
+        assert kw.get("study_uid") is not None, "only the members of one study"
+        return original_list_series(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(repo, "list_series", list_series)
+    record(repo, STUDY, SERIES, 3, s(0))
+    rec = RecordingEmitter(fail=True)
+    mon = monitor(repo, rec)
+    mon.tick(s(61))  # everything claimed, nothing sent
+    rec.fail = False
+    mon.tick(s(125))  # received taken over, series and study recovered
+    assert len(rec.named(SERIES_STABLE)) == 1 and len(rec.named(STUDY_STABLE)) == 1
+    late = record(repo, STUDY, SERIES, 2, s(200), start=3)
+    report = mon.tick(s(300))
+    rev2 = report.series[0].payload
+    assert (rev2["revision"], rev2["instance_count"], rev2["added_instance_count"]) == (2, 5, 2)
+    assert rev2["added_sop_uids"] == sorted(late) and rev2["added_sop_uids_truncated"] is False
+    assert names(report.order) == [
+        (SERIES_STABLE, f"dicom.series.{SERIES}", 2),
+        (STUDY_STABLE, f"dicom.study.{STUDY}", 2),
+    ]
 
 
 def test_thread_ticks_until_stopped(repo: Repository) -> None:

@@ -100,7 +100,8 @@ def test_0002_downgrade_and_upgrade_keep_data_and_backfill_received(db_url: str)
             ])  # fmt: skip
         upgrade(engine)
         with engine.connect() as conn:
-            got = dict(conn.execute(sa.text("SELECT study_uid, received_emitted_at IS NOT NULL FROM study")).all())
+            query = sa.text("SELECT study_uid, received_emitted_at IS NOT NULL FROM study")
+            got: dict[str, object] = dict(conn.execute(query).all())
         assert {k: bool(v) for k, v in got.items()} == {"1.1": False, "1.2": True, "1.3": True}
 
         _downgrade(engine, "0001")

@@ -56,7 +56,9 @@ def upgrade() -> None:
         study.update()
         .where(sa.or_(study.c.emitted_revision.is_not(None), study.c.revision > 1))
         .values(
-            received_emitted_at=sa.func.coalesce(study.c.stable_at, study.c.last_received_at, sa.func.current_timestamp())
+            received_emitted_at=sa.func.coalesce(
+                study.c.stable_at, study.c.last_received_at, sa.func.current_timestamp()
+            )
         )
     )
 
