@@ -1,0 +1,102 @@
+"""Materialising series, output attribution, storage requests, C-STORE to DCMTK storescp."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from storage.models import PeerBase
+from tasks.errors import SendError
+from tasks.materialise import materialise_series
+from tasks.outputs import (
+    changed_files,
+    link_tree,
+    merge_outputs,
+    session_file_key,
+    snapshot,
+    storage_requests,
+)
+from tasks.send import dicom_files, send_files
+from tests.factories import make_small_series
+from tests.tasks.helpers import free_port, make_home, storescp
+
+
+def test_series_is_materialised_read_only_from_a_cache(tmp_path: Path) -> None:
+    home = make_home(tmp_path / "home")
+    uid = home.receive(make_small_series(3, seed=31))
+    series = home.repo.get_series(uid)
+    assert series is not None
+    instances = home.repo.list_instances(uid)
+    target = tmp_path / "data" / "dicom" / series.study_uid / uid
+    cache = tmp_path / "cache"
+    assert materialise_series(home.store, instances, study_uid=series.study_uid, series_uid=uid, cache_dir=cache, target=target) == 3
+    files = sorted(target.iterdir())
+    assert [p.name for p in files] == sorted(f"{i.sop_uid}.dcm" for i in instances)
+    assert all((p.stat().st_mode & 0o222) == 0 for p in files) and (target.stat().st_mode & 0o222) == 0
+    assert files[0].stat().st_nlink == 2  # hard link to the cache: fetched once
+    assert pydicom.dcmread(files[0]).SeriesInstanceUID == uid
+    # again (e.g. another session): served from the cache, same result
+    other = tmp_path / "data2" / "s"
+    assert materialise_series(home.store, instances, study_uid=series.study_uid, series_uid=uid, cache_dir=cache, target=other) == 3
+    assert files[0].stat().st_nlink == 3
+
+
+def test_each_job_sees_its_own_outputs_only(tmp_path: Path) -> None:
+    shared = tmp_path / "data"
+    (shared / "dicom").mkdir(parents=True)
+    (shared / "dicom" / "x.dcm").write_text("in")
+    (shared / "earlier").mkdir()
+    (shared / "earlier" / "a.txt").write_text("a")
+    view = tmp_path / "job" / "data"
+    link_tree(shared, view)
+    before = snapshot(view)
+    assert set(before) == {"earlier/a.txt"}  # received DICOM is not an output
+    (view / "new").mkdir()
+    (view / "new" / "b.txt").write_text("b")
+    (shared / "other-job.txt").write_text("c")  # a concurrent job, in its own view, merged meanwhile
+    files = changed_files(before, snapshot(view))
+    assert files == ["new/b.txt"]
+    merge_outputs(view, shared, files)
+    assert (shared / "new" / "b.txt").read_text() == "b"
+
+
+def test_keys_and_storage_requests() -> None:
+    assert session_file_key(7, "my job", "out/ä b.dcm") == "sessions/7/files/my_job/out/__b.dcm"
+    added = {"j": {"storage": [{"type": "DICOM", "path": "out/j", "destination": "pacs"}, {"type": "pdf", "path": "r.pdf"}]}}
+    reqs = storage_requests("j", added, {"storage": {"path": "more"}})
+    assert [(r.type, r.path, r.destination) for r in reqs] == [("dicom", "out/j", "pacs"), ("pdf", "r.pdf", None), ("dicom", "more", None)]
+    assert storage_requests("k", added, None) == []
+
+
+def _peer(port: int) -> PeerBase:
+    from storage.models import PeerPublic
+    import datetime as dt
+
+    return PeerPublic(id=1, created_at=dt.datetime.now(dt.UTC), name="pacs", ae_title="PACS", host="127.0.0.1", port=port)
+
+
+def test_send_to_dcmtk_storescp(tmp_path: Path) -> None:
+    from tests.factories import to_p10_bytes
+
+    out = tmp_path / "files"
+    out.mkdir()
+    for ds in make_small_series(3, seed=32):
+        (out / f"{ds.SOPInstanceUID}.dcm").write_bytes(to_p10_bytes(ds))
+    (out / "notes.txt").write_text("not DICOM")
+    files = dicom_files(out)
+    assert len(files) == 3
+    with storescp(tmp_path / "received") as port:
+        report = send_files(_peer(port), files, calling_ae="DCMFLOW")
+    assert len(report.sent) == 3 and report.attempts == 1
+    assert len(list((tmp_path / "received").iterdir())) == 3
+
+
+def test_send_to_a_dead_peer_is_retried_then_reported(tmp_path: Path) -> None:
+    from tests.factories import to_p10_bytes
+
+    path = tmp_path / "one.dcm"
+    path.write_bytes(to_p10_bytes(make_small_series(1, seed=33)[0]))
+    with pytest.raises(SendError, match="after 2 attempts"):
+        send_files(_peer(free_port()), [path], attempts=2, delay=0.1, timeout=2)
