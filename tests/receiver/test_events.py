@@ -93,6 +93,18 @@ def test_revision_two_lists_what_was_added() -> None:
     assert spec.resource["dicom.revision"] == "2"
 
 
+def test_revision_two_takes_what_was_added_from_the_claim() -> None:
+    listed = tuple(f"{SERIES}.{i}" for i in range(3))
+    spec = series_stable_event(
+        series_claim(revision=2, added_instance_count=4, added_sop_uids=listed, added_sop_uids_truncated=True)
+    )
+    assert spec.payload["added_instance_count"] == 4
+    assert spec.payload["added_sop_uids"] == list(listed) and spec.payload["added_sop_uids_truncated"] is True
+    first = series_stable_event(series_claim(added_instance_count=38))  # versions counted by the repository
+    assert first.payload["added_instance_count"] == 38 and "added_sop_uids" not in first.payload
+    assert series_stable_event(series_claim()).payload["added_instance_count"] == 40  # no count: instance_count
+
+
 def test_study_events() -> None:
     uids = tuple(f"{STUDY}.{i}" for i in range(MAX_RELATED_SERIES + 10))
     claim = StudyClaim(
