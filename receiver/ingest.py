@@ -75,6 +75,9 @@ DEFAULT_BATCH_SIZE = 200
 DEFAULT_BATCH_SECONDS = 0.2
 """A batch is recorded at the latest this long after its first instance was prepared."""
 
+DEFAULT_NICENESS = 5
+"""Nice increment of ingest processes relative to the receiver."""
+
 DEFAULT_STORE_THREADS = 8
 """Object puts in flight per ingest worker."""
 
@@ -132,6 +135,9 @@ class IngestOptions:
         Pause between spool scans when idle.
     backoff_max : float
         Longest pause between retries during an outage.
+    niceness : int
+        Added to the worker process's nice value (``os.nice``), so that on a busy machine the
+        SCP's acknowledgement path gets the CPU first and ingest catches up in the gaps.
     store_threads : int
         Object puts in flight at once. Puts wait on fsync (local store) or the network (S3),
         not on the CPU, so overlapping them lets the file system merge their journal commits
@@ -143,6 +149,7 @@ class IngestOptions:
     poll_seconds: float = 0.02
     backoff_max: float = 10.0
     store_threads: int = DEFAULT_STORE_THREADS
+    niceness: int = DEFAULT_NICENESS
 
 
 @dataclass(frozen=True)
@@ -542,6 +549,8 @@ def _process_main(
         # receiver starts its own workers, and two workers on one share would race.
         return bool(stop.is_set()) or os.getppid() != parent
 
+    if options.niceness:
+        os.nice(options.niceness)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us through ``stop``
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
