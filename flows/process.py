@@ -101,7 +101,7 @@ def run_processing(
 @flow(
     name="process-series",
     flow_run_name=_run_name("series", "series_uid"),
-    task_runner=ThreadPoolTaskRunner(max_workers=MAX_POOL_THREADS),
+    task_runner=ThreadPoolTaskRunner(max_workers=MAX_POOL_THREADS),  # type: ignore[arg-type]
     validate_parameters=True,
 )
 def process_series(
@@ -132,7 +132,7 @@ def process_series(
 @flow(
     name="process-study",
     flow_run_name=_run_name("study", "study_uid"),
-    task_runner=ThreadPoolTaskRunner(max_workers=MAX_POOL_THREADS),
+    task_runner=ThreadPoolTaskRunner(max_workers=MAX_POOL_THREADS),  # type: ignore[arg-type]
 )
 def process_study(
     study_uid: str,
@@ -152,7 +152,7 @@ def process_study(
 @flow(
     name="reprocess",
     flow_run_name=_run_name("series", "series_uid"),
-    task_runner=ThreadPoolTaskRunner(max_workers=MAX_POOL_THREADS),
+    task_runner=ThreadPoolTaskRunner(max_workers=MAX_POOL_THREADS),  # type: ignore[arg-type]
 )
 def reprocess(series_uid: str, only_jobs: list[str] | None = None, max_parallel: int | None = None) -> State:
     """Re-run a series with the current service versions as a new session (optionally some jobs)."""
