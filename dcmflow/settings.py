@@ -18,6 +18,7 @@ DEFAULT_AE_TITLE = "DCMFLOW"
 DEFAULT_DICOM_PORT = 11112
 DEFAULT_STABLE_AGE = 60.0
 DEFAULT_BUCKET = "dcmflow"
+DEFAULT_MAX_PARALLEL_JOBS = 4
 
 
 class Settings(BaseSettings):
@@ -52,6 +53,10 @@ class Settings(BaseSettings):
     dicom_port: int = Field(DEFAULT_DICOM_PORT, ge=1, le=65535, description="TCP port of the DICOM receiver.")
     stable_age: float = Field(
         DEFAULT_STABLE_AGE, ge=0, description="Seconds of quiet after which a series counts as stable."
+    )
+
+    max_parallel_jobs: int = Field(
+        DEFAULT_MAX_PARALLEL_JOBS, ge=1, description="Jobs of one processing run that may run at once."
     )
 
     @property

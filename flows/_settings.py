@@ -1,27 +1,23 @@
 """The flow body is an entry point (DESIGN.md "Settings"): it builds the settings here.
 
-``dcmflow.settings`` is imported by name at run time, not by an import statement: the
-package graph stays ``dcmflow → flows`` (tests/test_layout.py), while a flow started by a
-Prefect worker (no CLI around it) still reads ``DCMFLOW_*`` through the one settings class.
+A flow started by a Prefect worker has no CLI around it, so it reads ``DCMFLOW_*`` through
+the one settings class itself. This is the single place where ``flows`` imports from the
+``dcmflow`` package (only its leaf module ``dcmflow.settings``); tests/test_layout.py allows
+exactly this edge.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from dcmflow.settings import Settings
 
-__all__ = ["load_settings", "DEFAULT_MAX_PARALLEL_JOBS", "max_parallel_jobs"]
-
-DEFAULT_MAX_PARALLEL_JOBS = 4
-"""Jobs of one run at once when neither the flow parameter nor ``DCMFLOW_MAX_PARALLEL_JOBS`` says."""
+__all__ = ["load_settings", "max_parallel_jobs"]
 
 
-def load_settings() -> Any:
-    """A fresh ``dcmflow.settings.Settings`` from the environment."""
-    return importlib.import_module("dcmflow.settings").Settings()
+def load_settings() -> Settings:
+    """A fresh :class:`~dcmflow.settings.Settings` from the environment."""
+    return Settings()
 
 
-def max_parallel_jobs(settings: Any, parameter: int | None) -> int:
-    """The flow parameter, else ``Settings.max_parallel_jobs`` when it exists, else the default."""
-    value = parameter if parameter is not None else getattr(settings, "max_parallel_jobs", None)
-    return max(1, int(value if value is not None else DEFAULT_MAX_PARALLEL_JOBS))
+def max_parallel_jobs(settings: Settings, parameter: int | None) -> int:
+    """The flow parameter when given, else ``DCMFLOW_MAX_PARALLEL_JOBS``."""
+    return max(1, parameter if parameter is not None else settings.max_parallel_jobs)

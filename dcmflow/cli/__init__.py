@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from dcmflow import __version__
-from dcmflow.cli import db, importer, selfcheck, series, services
+from dcmflow.cli import db, importer, jobs, process, selfcheck, series, services
 
 app = typer.Typer(
     name="dcmflow",
@@ -35,6 +35,9 @@ app.add_typer(db.app, name="db")
 app.add_typer(services.app, name="services")
 app.add_typer(series.app, name="series")
 app.command(name="import")(importer.import_command)
+app.command(name="process")(process.process)
+app.command(name="reprocess")(process.reprocess)
+app.add_typer(jobs.app, name="jobs")
 app.command(name="selfcheck")(selfcheck.selfcheck)
 
 
