@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import signal
-import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,7 +104,7 @@ class Receiver:
         self.facts: RepositoryFacts | None = None
         self.pool: IngestPool | None = None
         self.server: ThreadedAssociationServer | None = None
-        self._stop = threading.Event()
+        self._stop_requested = False
 
     @property
     def port(self) -> int:
@@ -166,15 +166,20 @@ class Receiver:
         self.spool.unlock()
 
     def request_stop(self, *_: Any) -> None:
-        """Ask :meth:`serve_forever` to return (safe from a signal handler)."""
-        self._stop.set()
+        """Ask :meth:`serve_forever` to return.
+
+        Safe from a signal handler: it only sets a flag (no lock is taken, so it cannot
+        deadlock against the main thread it interrupts).
+        """
+        self._stop_requested = True
 
     def serve_forever(self) -> None:
         """Start, wait for SIGINT/SIGTERM (or :meth:`request_stop`), then stop cleanly."""
         previous = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             self.start()
-            while not self._stop.wait(1.0):
+            while not self._stop_requested:
+                time.sleep(0.2)  # interrupted by signals; the handler runs here
                 if self.pool is not None and not self.pool.alive():
                     log.error("an ingest process died; stopping the receiver")
                     break

@@ -99,3 +99,12 @@ def test_association_facts_close_only_after_ingest(env: Env) -> None:
     finally:
         server.shutdown()
         facts.close()
+
+
+def test_sigint_stops_cleanly(env: Env) -> None:
+    import signal
+
+    receiver = ReceiverProcess(env.root, free_port(), workers=1)
+    receiver.proc.send_signal(signal.SIGINT)
+    assert receiver.proc.wait(30) == 0, receiver.output()
+    assert "stopping" in receiver.output()
