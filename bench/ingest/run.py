@@ -238,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown systems: {', '.join(sorted(unknown))}")
 
+    load_before = os.getloadavg()[0]
     data_root = args.data or Path(tempfile.mkdtemp(prefix="dcmflow-bench-data-"))
     data = build_data(data_root, args.ct, args.small)
     runners: dict[str, Callable[[Path, int, Path], Result]] = {
@@ -257,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{r.system:<20} {name:<6} ack {r.ack_s:6.2f} s  complete {r.complete_s:6.2f} s", file=sys.stderr)
             finally:
                 shutil.rmtree(work, ignore_errors=True)
-    print(f"load average before: {os.getloadavg()[0]:.2f}; cores: {os.cpu_count()}")
+    print(f"1-min load average at start: {load_before:.2f}; cores: {os.cpu_count()}")
     print(table(results))
     if args.json:
         print(json.dumps([r.__dict__ for r in results], indent=2))
