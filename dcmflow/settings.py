@@ -55,6 +55,20 @@ class Settings(BaseSettings):
         DEFAULT_STABLE_AGE, ge=0, description="Seconds of quiet after which a series counts as stable."
     )
 
+    accept_any_caller: bool = Field(
+        False, description="Accept associations from any caller (default: loopback, trusted networks, peers)."
+    )
+    trusted_networks: list[str] = Field(
+        default_factory=lambda: ["127.0.0.0/8", "::1/128"],
+        description='Networks whose callers are always accepted, as a JSON list: ["10.0.0.0/8"].',
+    )
+    require_called_aet: bool = Field(True, description="Refuse associations addressed to another Called AE Title.")
+    spool_min_free_bytes: int = Field(
+        1024**3, ge=0, description="Answer C-STORE with 0xA700 (out of resources) below this much free spool disk."
+    )
+    spool_min_free_fraction: float = Field(
+        0.02, ge=0, le=1, description="…or below this fraction of the spool disk free."
+    )
     max_parallel_jobs: int = Field(
         DEFAULT_MAX_PARALLEL_JOBS, ge=1, description="Jobs of one processing run that may run at once."
     )

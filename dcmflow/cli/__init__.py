@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from dcmflow import __version__
-from dcmflow.cli import db, importer, jobs, process, selfcheck, series, services
+from dcmflow.cli import db, importer, jobs, process, receive, selfcheck, series, services
 
 app = typer.Typer(
     name="dcmflow",
@@ -25,12 +25,7 @@ def _root() -> None:
     """
 
 
-@app.command()
-def version() -> None:
-    """Print the dcmflow version."""
-    typer.echo(__version__)
-
-
+app.command(name="receive")(receive.receive)
 app.add_typer(db.app, name="db")
 app.add_typer(services.app, name="services")
 app.add_typer(series.app, name="series")
@@ -39,6 +34,12 @@ app.command(name="process")(process.process)
 app.command(name="reprocess")(process.reprocess)
 app.add_typer(jobs.app, name="jobs")
 app.command(name="selfcheck")(selfcheck.selfcheck)
+
+
+@app.command()
+def version() -> None:
+    """Print the dcmflow version."""
+    typer.echo(__version__)
 
 
 def main() -> None:
