@@ -41,7 +41,7 @@ def emit(
     cols = list(columns) if columns else (list(plain[0]) if plain else [])
     table = Table(title=title)
     for col in cols:
-        table.add_column(col)
+        table.add_column(col, overflow="fold")  # UIDs must stay whole, never "1.2.82…"
     for row in plain:
         table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in cols))
     stdout.print(table)
