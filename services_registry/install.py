@@ -14,6 +14,11 @@ version instead:
   ``services/<name>/<version>.tar.gz`` (key built only from validated names), so a worker on
   another machine fetches exactly that version (:func:`ensure_local`).
 
+Services of installed distributions (entry point group ``dcmflow.services``) are recorded by
+:func:`install_entry_points` without copying: they are imported by name from the environment,
+and :func:`installed_specs` loads them from there again, refusing code that differs from
+what was recorded.
+
 Nothing is copied, recorded or uploaded before the service passed every check of
 :func:`services_registry.check_service` against the other installed services.
 """
@@ -27,6 +32,7 @@ import shutil
 import tarfile
 import tempfile
 from pathlib import Path
+from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
@@ -36,10 +42,12 @@ from storage.keys import validate_key, validate_name
 
 from services_registry._files import iter_files
 from services_registry.api import load_python
+from services_registry.entrypoints import load_entry_points, module_files
 from services_registry.errors import InstallError, ServiceNotFoundError, ServiceValidationError
 from services_registry.folder import load_folder
 from services_registry.load import check_service
 from services_registry.spec import JobSpec, ServiceSpec
+from services_registry.validate import validate_services
 
 if TYPE_CHECKING:
     from storage.models import ServicePublic
@@ -51,6 +59,7 @@ __all__ = [
     "InstallResult",
     "bundle_key",
     "install_service",
+    "install_entry_points",
     "installed_specs",
     "ensure_local",
     "remove_service",
@@ -198,14 +207,134 @@ def ensure_local(record: ServicePublic, services_dir: Path, store: ObjectStore) 
     return folder
 
 
-def installed_specs(repository: Repository, services_dir: Path, store: ObjectStore) -> list[ServiceSpec]:
-    """Specs of every active installed service (folder/Python), loaded from their files."""
+def _entry_point_spec(record: ServicePublic, found: dict[str, ServiceSpec]) -> ServiceSpec:
+    """The recorded entry-point service, as the installed distribution gives it now."""
+    spec = found.get(record.name)
+    if spec is None:
+        raise InstallError(
+            f"service {record.name!r} was registered from an entry point, but no installed distribution "
+            f"advertises it now; install the distribution again or run `dcmflow services remove {record.name}`"
+        )
+    if spec.content_hash != record.content_hash:
+        raise InstallError(
+            f"service {record.name!r}: the installed distribution ({spec.origin}) differs from recorded "
+            f"version {record.version}; run `dcmflow services install --entry-points` to record it"
+        )
+    return spec.model_copy(update={"version": str(record.version)})
+
+
+def installed_specs(
+    repository: Repository, services_dir: Path, store: ObjectStore, *, skip: Collection[str] = ()
+) -> list[ServiceSpec]:
+    """Specs of every active installed service, except those named in ``skip``.
+
+    Folder and Python services are loaded from their version folder (fetched from the
+    bundle when missing here); entry-point services from the installed distribution, which
+    must still have the recorded content.
+
+    Raises
+    ------
+    InstallError
+        Files or bundle missing, or an entry-point service is gone or changed since it was
+        recorded.
+    """
+    records = [r for r in repository.list_services() if r.name not in skip]
+    wanted = [r.name for r in records if r.source_kind == _SOURCE_KIND["entry_point"]]
+    found = {s.name: s for s in load_entry_points(names=wanted)} if wanted else {}
     specs = []
-    for record in repository.list_services():
-        if record.source_kind == "entrypoint":
-            continue
-        specs.append(_load_version(ensure_local(record, services_dir, store), record.name, record.version))
+    for record in records:
+        if record.source_kind == _SOURCE_KIND["entry_point"]:
+            specs.append(_entry_point_spec(record, found))
+        else:
+            specs.append(_load_version(ensure_local(record, services_dir, store), record.name, record.version))
     return specs
+
+
+def install_entry_points(
+    *, services_dir: Path, repository: Repository, store: ObjectStore, path: Sequence[str] | None = None
+) -> list[InstallResult]:
+    """Record every service advertised under ``dcmflow.services`` by installed distributions.
+
+    Nothing is copied to ``services_dir``: an installed distribution is importable by name in
+    every process of this environment, and that is how callbacks and workers are found. The
+    files of the package are still bundled in the object store (``services/<name>/<version>.tar.gz``)
+    so that each recorded version can be inspected or restored. The same checks as
+    :func:`install_service` run first, for all the advertised services together (duplicate
+    ``jobName`` also across them and the other installed services), and nothing is
+    recorded unless every one passes.
+
+    Parameters
+    ----------
+    path
+        Folders to look for ``*.dist-info`` in (default: ``sys.path``).
+
+    Returns
+    -------
+    list[InstallResult]
+        One per advertised service, sorted by name; ``changed`` is false for content
+        recorded already (same distribution version and files).
+
+    Raises
+    ------
+    ServiceValidationError
+        A service fails a check, or its name belongs to a service installed from files.
+    InstallError
+        Recording or uploading failed.
+    """
+    specs = load_entry_points(path)
+    if not specs:
+        return []
+    names = {s.name for s in specs}
+    history = repository.list_services(include_inactive=True)
+    for spec in specs:
+        kinds = {r.source_kind for r in history if r.name == spec.name}
+        if kinds - {_SOURCE_KIND["entry_point"]}:
+            raise ServiceValidationError(
+                spec.origin, None, f"service name {spec.name!r} is installed from files already; remove it first"
+            )
+    others = installed_specs(repository, services_dir, store, skip=names)
+    validate_services(specs, installed=others)
+    for spec in specs:
+        check_service(spec, installed=others + [s for s in specs if s.name != spec.name])
+    results = []
+    try:
+        for spec in specs:
+            versions = [r for r in history if r.name == spec.name]
+            newest = max(versions, key=lambda r: r.version) if versions else None
+            if newest is not None and newest.content_hash == spec.content_hash:
+                record = _register(repository, spec, None, newest.bundle_key)
+                results.append(_result(spec, record, changed=False))
+                continue
+            version = (newest.version + 1) if newest else 1
+            key = _bundle_entry_point(spec, version, store)
+            record = _register(repository, spec, None, key)
+            if record.version != version:
+                raise InstallError(f"service {spec.name!r}: another install recorded version {record.version} meanwhile")
+            results.append(_result(spec, record, changed=True))
+    except (OSError, StorageError) as exc:
+        raise InstallError(f"cannot record entry-point services: {type(exc).__name__}: {exc}") from None
+    return results
+
+
+def _bundle_entry_point(spec: ServiceSpec, version: int, store: ObjectStore) -> str | None:
+    """Store the files of the package holding ``spec``'s entry point; ``None`` if it has none."""
+    assert spec.entry
+    files = module_files(spec.entry.split(":", 1)[0])
+    if files is None:
+        return None
+    with tempfile.TemporaryDirectory(prefix="dcmflow-ep-") as tmp:
+        folder = Path(tmp)
+        (folder / "python").mkdir()
+        if files.is_dir():
+            shutil.copytree(files, folder / "python" / files.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(files, folder / "python" / files.name)
+        manifest = {"name": spec.name, "source": spec.source, "entry": spec.entry,
+                    "content_hash": spec.content_hash, "origin": spec.origin}
+        (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        key = bundle_key(spec.name, version)
+        store.put(key, _bundle(folder), content_type="application/gzip")
+    return key
 
 
 def install_service(
@@ -234,7 +363,7 @@ def install_service(
     """
     if spec.source == "entry_point":
         raise InstallError(f"{spec.origin}: entry-point services are installed with pip, not copied")
-    others = [s for s in installed_specs(repository, services_dir, store) if s.name != spec.name]
+    others = installed_specs(repository, services_dir, store, skip={spec.name})
     check_service(spec, installed=others)
     try:
         history = [s for s in repository.list_services(include_inactive=True) if s.name == spec.name]

@@ -8,6 +8,8 @@ environment (which may not have dcmflow's dependencies). The spec file (JSON) gi
     service's ``module/`` folder (and ``$MODULES``, where ``<service name>`` links to it) first
     on ``sys.path`` (reference/dcm_processor.md §3.1). Nothing of another service is importable,
     because every job has its own process.
+    Services recorded from installed distributions (``dcmflow.services`` entry points) give no
+    ``import_paths``: their worker is imported by its module name from this environment.
 ``import_paths``
     Folders put at the front of ``sys.path``, in order.
 ``kwargs``

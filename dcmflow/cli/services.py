@@ -57,14 +57,29 @@ def _storage(settings: Settings) -> tuple[Repository, ObjectStore]:
 
 @app.command()
 def install(
-    path: str = typer.Argument(..., help="Service folder (registry/ + module/), or a .py file / package[:attribute]."),
+    path: str | None = typer.Argument(None, help="Service folder (registry/ + module/), or a .py file / package[:attribute]."),
     name: str | None = typer.Option(None, "--name", "-n", help="Install name (default: folder or Service name)."),
+    entry_points: bool = typer.Option(
+        False, "--entry-points", help="Record every service advertised by installed distributions (dcmflow.services)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Validate a service, copy it under DCMFLOW_HOME/services, record it and store its bundle."""
+    """Validate a service, copy it under DCMFLOW_HOME/services, record it and store its bundle.
+
+    With --entry-points, record instead every service that installed Python distributions
+    advertise under the ``dcmflow.services`` entry point group (nothing is copied: the code
+    is imported by name from this environment).
+    """
     from services_registry.install import install_service
     from services_registry.load import load_service
 
+    if entry_points:
+        if path is not None or name is not None:
+            fail("--entry-points takes no PATH and no --name")
+        _install_entry_points(as_json)
+        return
+    if path is None:
+        fail("give a service PATH, or --entry-points")
     settings = load_settings()
     with _errors():
         spec = load_service(path, name=name)
@@ -77,6 +92,28 @@ def install(
         return
     what = "installed" if result.changed else "unchanged, already installed as"
     info(f"{result.name} {what} version {result.version} ({len(result.jobs)} jobs: {', '.join(result.jobs)})")
+
+
+def _install_entry_points(as_json: bool) -> None:
+    """``install --entry-points``: record the services of installed distributions."""
+    from services_registry.entrypoints import ENTRY_POINT_GROUP
+    from services_registry.install import install_entry_points
+
+    settings = load_settings()
+    with _errors():
+        repository, store = _storage(settings)
+        results = install_entry_points(services_dir=settings.services_dir, repository=repository, store=store)
+    for result in results:
+        for warning in result.warnings:
+            info(f"warning: {warning}")
+    if as_json:
+        emit(results, True)
+        return
+    if not results:
+        info(f"no installed distribution advertises services under {ENTRY_POINT_GROUP!r}")
+    for result in results:
+        what = "recorded" if result.changed else "unchanged, already recorded as"
+        info(f"{result.name} {what} version {result.version} ({len(result.jobs)} jobs: {', '.join(result.jobs)})")
 
 
 @app.command()
