@@ -5,10 +5,16 @@ Start order (so nothing acknowledged can be lost or processed twice at once):
 1. take the spool lock (one receiver per spool) and :meth:`~receiver.spool.Spool.recover`
    (delete never-acknowledged temp files; ``ready/`` files are replayed by ingest);
 2. start the ingest processes (spawned before any SCP thread exists);
-3. start the SCP.
+3. start the SCP;
+4. start the completeness monitor (:class:`~receiver.completeness.CompletenessMonitor` with a
+   :class:`~receiver.events.PrefectEmitter`), which declares series and studies stable in the
+   database and emits their events. Without a Prefect API URL the emitter warns once and
+   refuses every event, so nothing is marked emitted and the recovery step sends the events
+   once the receiver is restarted with ``PREFECT_API_URL`` set.
 
-Stop order: SCP (no new associations; running ones end), association facts, then ingest
-workers finish their current batch; what is left stays in the spool for the next start.
+Stop order: completeness monitor (after its current tick; then the emitter is drained), SCP
+(no new associations; running ones end), association facts, then ingest workers finish their
+current batch; what is left stays in the spool for the next start.
 """
 
 from __future__ import annotations
@@ -28,12 +34,15 @@ from receiver.associations import (
     PeerEntry,
     RepositoryFacts,
 )
+from receiver.completeness import CompletenessMonitor, MonitorOptions
 from receiver.ingest import IngestOptions, IngestPool, StorageFactory, start_ingest_processes
 from receiver.scp import ScpConfig, start_scp
 from receiver.spool import DEFAULT_MIN_FREE_BYTES, DEFAULT_MIN_FREE_FRACTION, Spool
 
 if TYPE_CHECKING:
     from pynetdicom.transport import ThreadedAssociationServer
+
+    from receiver.events import PrefectEmitter
     from storage.repository import Repository
 
 __all__ = ["ReceiverConfig", "Receiver"]
@@ -61,6 +70,14 @@ class ReceiverConfig:
         Number of ingest processes.
     ingest : IngestOptions
         Batch tuning.
+    stable_age : float
+        Quiet period in seconds before a series is stable (``Settings.stable_age``; peers
+        may override it).
+    completeness : bool
+        Run the completeness monitor (needs a repository); False only for tests and
+        benchmarks that check stability themselves.
+    monitor_interval : float
+        Seconds between ticks of the completeness monitor.
     """
 
     scp: ScpConfig = field(default_factory=ScpConfig)
@@ -71,6 +88,9 @@ class ReceiverConfig:
     trusted_networks: Sequence[str] = DEFAULT_TRUSTED_NETWORKS
     ingest_workers: int = 1
     ingest: IngestOptions = field(default_factory=IngestOptions)
+    stable_age: float
+    completeness: bool = True
+    monitor_interval: float = MonitorOptions.interval
 
 
 def _peers_of(repository: Repository) -> Callable[[], list[PeerEntry]]:
@@ -104,6 +124,8 @@ class Receiver:
         self.facts: RepositoryFacts | None = None
         self.pool: IngestPool | None = None
         self.server: ThreadedAssociationServer | None = None
+        self.monitor: CompletenessMonitor | None = None
+        self.emitter: PrefectEmitter | None = None
         self._stop_requested = False
 
     @property
@@ -151,9 +173,32 @@ class Receiver:
             cfg.ingest_workers,
             "" if cfg.ingest_workers == 1 else "es",
         )
+        if cfg.completeness and self.repository is not None:
+            try:
+                self._start_monitor()
+            except BaseException:
+                self.stop()
+                raise
+
+    def _start_monitor(self) -> None:
+        from receiver.events import PrefectEmitter  # imports Prefect: only when monitoring
+
+        cfg = self.config
+        self.emitter = PrefectEmitter()
+        log.info("events: %s", self.emitter.api_url if self.emitter.enabled else "disabled: no PREFECT_API_URL")
+        self.monitor = CompletenessMonitor(
+            self.repository, self.emitter, MonitorOptions(stable_age=cfg.stable_age, interval=cfg.monitor_interval)
+        )
+        self.monitor.start()
 
     def stop(self) -> None:
-        """Stop the SCP, flush facts, stop ingest (idempotent)."""
+        """Stop the monitor (draining its emitter), the SCP, flush facts, stop ingest (idempotent)."""
+        if self.monitor is not None:
+            self.monitor.stop()
+            self.monitor = None
+        if self.emitter is not None:
+            self.emitter.close()
+            self.emitter = None
         if self.server is not None:
             self.server.shutdown()
             self.server = None

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import typer
 
-from dcmflow.cli._common import load_settings
+from dcmflow.cli._common import load_settings, open_repository
 from dcmflow.cli._output import fail, info, stderr
 
 __all__ = ["import_command"]
@@ -46,7 +46,6 @@ def import_command(
     from receiver.watch import FolderWatcher, ledger_path_for
     from storage.errors import StorageError
 
-    from dcmflow.cli.series import open_repository
     from dcmflow.wiring import object_store_from
 
     settings = load_settings()

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from dcmflow.cli._common import load_settings
+from dcmflow.cli._common import load_settings, open_repository
 from dcmflow.cli._output import fail
 
 if TYPE_CHECKING:
@@ -36,12 +36,6 @@ def open_storage(settings: Settings) -> tuple[ObjectStore, Repository]:
     from dcmflow.wiring import object_store_from, repository_from
 
     return object_store_from(settings), repository_from(settings)
-
-
-def _setting(settings: Settings, name: str, default: object) -> object:
-    # Receiver knobs the lead may add to Settings (see receiver/README in the report); until
-    # then the defaults below apply and the command-line options override them.
-    return getattr(settings, name, default)
 
 
 @app.command()
@@ -65,15 +59,10 @@ def receive(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:
     """Receive DICOM (C-STORE, C-ECHO) until SIGINT/SIGTERM: one log line per association and batch."""
-    from receiver.associations import DEFAULT_TRUSTED_NETWORKS
     from receiver.errors import ReceiverError
     from receiver.runner import Receiver, ReceiverConfig
     from receiver.scp import ScpConfig
-    from receiver.spool import DEFAULT_MIN_FREE_BYTES, DEFAULT_MIN_FREE_FRACTION
-    from storage import db
     from storage.errors import StorageError
-
-    from dcmflow.wiring import describe_database, repository_from
 
     settings = load_settings()
     logging.basicConfig(
@@ -83,39 +72,23 @@ def receive(
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
-    try:
-        repository = repository_from(settings)
-        if db.current_revision(repository.engine) != db.head_revision():
-            if repository.engine.dialect.name != "sqlite":
-                fail(f"database {describe_database(settings)} is not migrated: run `dcmflow db upgrade`")
-            db.upgrade(repository.engine)  # the embedded SQLite default migrates itself
-    except StorageError as exc:
-        fail(str(exc))
-    except Exception as exc:
-        fail(f"cannot open {describe_database(settings)}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
-
-    networks = trusted_network or list(_setting(settings, "trusted_networks", DEFAULT_TRUSTED_NETWORKS))  # type: ignore[call-overload]
+    repository = open_repository(settings)
     config = ReceiverConfig(
         scp=ScpConfig(
             ae_title=ae_title or settings.ae_title,
             host=host,
             port=settings.dicom_port if port is None else port,
-            require_called_aet=not no_called_aet_check and bool(_setting(settings, "require_called_aet", True)),
+            require_called_aet=settings.require_called_aet and not no_called_aet_check,
             tls_cert=tls_cert,
             tls_key=tls_key,
         ),
         spool_dir=settings.spool_dir,
-        min_free_bytes=(
-            min_free_mb * 1024 * 1024
-            if min_free_mb is not None
-            else int(_setting(settings, "spool_min_free_bytes", DEFAULT_MIN_FREE_BYTES))  # type: ignore[call-overload]
-        ),
-        min_free_fraction=(
-            0.0 if min_free_mb is not None else float(_setting(settings, "spool_min_free_fraction", DEFAULT_MIN_FREE_FRACTION))  # type: ignore[arg-type]
-        ),
-        accept_any=accept_any or bool(_setting(settings, "accept_any_caller", False)),
-        trusted_networks=tuple(networks),
+        min_free_bytes=min_free_mb * 1024 * 1024 if min_free_mb is not None else settings.spool_min_free_bytes,
+        min_free_fraction=0.0 if min_free_mb is not None else settings.spool_min_free_fraction,
+        accept_any=accept_any or settings.accept_any_caller,
+        trusted_networks=tuple(trusted_network or settings.trusted_networks),
         ingest_workers=ingest_workers,
+        stable_age=settings.stable_age,
     )
     try:
         Receiver(config, functools.partial(open_storage, settings), repository).serve_forever()

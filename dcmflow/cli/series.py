@@ -13,16 +13,14 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from dcmflow.cli._common import load_settings
+from dcmflow.cli._common import load_settings, open_repository
 from dcmflow.cli._output import emit, emit_one, fail
 
 if TYPE_CHECKING:
     from storage.models import SeriesPublic
     from storage.repository import Repository
 
-    from dcmflow.settings import Settings
-
-__all__ = ["app", "list_series", "show_series", "open_repository"]
+__all__ = ["app", "list_series", "show_series"]
 
 app = typer.Typer(help="Series that arrived: UIDs, patient, state, revision.", no_args_is_help=True)
 
@@ -43,35 +41,6 @@ class State(str, Enum):
 
     receiving = "receiving"
     stable = "stable"
-
-
-def open_repository(settings: Settings) -> Repository:
-    """The repository, migrated if it is the embedded SQLite default; else one-line errors.
-
-    Raises
-    ------
-    typer.Exit
-        Unreachable or unmigrated database (after one error line).
-    """
-    from storage import db
-    from storage.errors import StorageError
-
-    from dcmflow.wiring import describe_database, repository_from
-
-    try:
-        repository = repository_from(settings)
-        if db.current_revision(repository.engine) != db.head_revision():
-            if repository.engine.dialect.name != "sqlite":
-                fail(f"database {describe_database(settings)} is not migrated: run `dcmflow db upgrade`")
-            db.upgrade(repository.engine)  # the embedded SQLite default migrates itself
-    except StorageError as exc:
-        fail(str(exc))
-    except typer.Exit:
-        raise
-    except Exception as exc:
-        text = str(exc).strip()
-        fail(f"cannot open {describe_database(settings)}: {type(exc).__name__}: {text.splitlines()[0] if text else ''}")
-    return repository
 
 
 def _rows(repository: Repository, series: list[SeriesPublic]) -> list[dict[str, Any]]:

@@ -108,3 +108,12 @@ def test_sigint_stops_cleanly(env: Env) -> None:
     receiver.proc.send_signal(signal.SIGINT)
     assert receiver.proc.wait(30) == 0, receiver.output()
     assert "stopping" in receiver.output()
+
+
+def test_without_prefect_the_log_says_events_are_disabled(env: Env) -> None:
+    receiver = ReceiverProcess(env.root, free_port(), workers=1)
+    try:
+        assert _wait(lambda: "events: " in receiver.output(), timeout=30), receiver.output()
+        assert "events: disabled: no PREFECT_API_URL" in receiver.output()
+    finally:
+        assert receiver.terminate() == 0, receiver.output()

@@ -43,10 +43,11 @@ def _wait_for_echo(port: int, timeout: float = 30.0) -> None:
 class ReceiverProcess:
     """``python -m dcmflow.cli.receive`` in its own process group (so SIGKILL hits the workers too)."""
 
-    def __init__(self, home: Path, port: int, workers: int = 2) -> None:
+    def __init__(self, home: Path, port: int, workers: int = 2, extra_env: dict[str, str] | None = None) -> None:
         self.log = home / f"receiver-{time.monotonic_ns()}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DCMFLOW_")}
-        env |= {"DCMFLOW_HOME": str(home), "PYTHONPATH": str(REPO_ROOT)}
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("DCMFLOW_", "PREFECT_"))}
+        env |= {"DCMFLOW_HOME": str(home), "PYTHONPATH": str(REPO_ROOT), "PREFECT_HOME": str(home / "prefect")}
+        env |= extra_env or {}
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "dcmflow.cli.receive", "--port", str(port), "--ingest-workers", str(workers)],
@@ -56,6 +57,7 @@ class ReceiverProcess:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        self.port = port
         _wait_for_echo(port)
 
     def kill(self) -> None:
