@@ -272,7 +272,7 @@ class Importer:
             return Skipped(path, f"invalid UID: {exc}")
         except Exception as exc:
             return Skipped(path, f"does not parse: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-        stored = self._ingest._retry("object store", lambda: self._ingest._store_object(raw, item))
+        stored = self._ingest.store_with_retry(raw, item)
         pending.append(stored)
         report.size += len(raw)
         return None
@@ -280,7 +280,7 @@ class Importer:
     def _record(self, batch: list[InstanceIn], report: ImportReport) -> None:
         series = {i.series_uid for i in batch}
         self.repository.association_touched_series(report.batch_id, series)
-        for outcome in self._ingest._record(batch):
+        for outcome in self._ingest.record_with_retry(batch):
             if outcome.status is RecordStatus.NEW:
                 report.new += 1
             elif outcome.status is RecordStatus.DUPLICATE:

@@ -65,6 +65,7 @@ __all__ = [
     "IngestPool",
     "start_ingest_processes",
     "read_instance",
+    "store_instance_object",
 ]
 
 log = logging.getLogger("receiver.ingest")
@@ -213,7 +214,7 @@ def read_instance(raw: bytes, entry: SpoolEntry, *, hash_bytes: bool = True) -> 
         Its spool entry (receive time, calling AE).
     hash_bytes : bool
         Compute the SHA-256 here. ``False`` leaves ``sha256`` empty for
-        :meth:`Ingester._store_object` to fill from the store's own single-pass hash.
+        :func:`store_instance_object` to fill from the store's own single-pass hash.
 
     Returns
     -------
@@ -261,6 +262,48 @@ def read_instance(raw: bytes, entry: SpoolEntry, *, hash_bytes: bool = True) -> 
         ),
         sha,
     )
+
+
+def store_instance_object(store: ObjectStore, raw: bytes, item: InstanceIn) -> InstanceIn:
+    """Put an instance's bytes under its immutable key, or beside it as a version if the key differs.
+
+    Parameters
+    ----------
+    store : ObjectStore
+        Where instance objects go.
+    raw : bytes
+        The PS3.10 file as received.
+    item : InstanceIn
+        The parsed instance (``object_key`` = :func:`storage.keys.instance_key`).
+
+    Returns
+    -------
+    InstanceIn
+        ``item`` with ``sha256`` set (taken from the store's streaming hash when the caller
+        left it empty) and ``object_key`` pointing at where the bytes are: the instance key
+        (new, or identical bytes already there) or a version key named by the hash.
+
+    Raises
+    ------
+    StorageError, OSError
+        The store failed (retry with :meth:`Ingester.store_with_retry`).
+    """
+    try:
+        put = store.put_if_absent(item.object_key, raw)
+        return item if item.sha256 else replace(item, sha256=put.sha256)
+    except ObjectExistsError:
+        pass
+    if not item.sha256:
+        item = replace(item, sha256=hashlib.sha256(raw).hexdigest())
+    existing = store.get(item.object_key)
+    if hashlib.sha256(existing).hexdigest() == item.sha256:
+        return item  # identical bytes already stored: a replay or a re-send
+    key = instance_version_key(item.study_uid, item.series_uid, item.sop_uid, item.sha256)
+    try:
+        store.put_if_absent(key, raw)
+    except ObjectExistsError:
+        pass  # the key is named by the hash: whatever is there holds these bytes
+    return _with_key(item, key)
 
 
 class _Stopped(Exception):
@@ -311,8 +354,29 @@ class Ingester:
 
     # -- retries ------------------------------------------------------------------------------
 
-    def _retry(self, what: str, fn: Callable[[], _T]) -> _T:
-        """Run ``fn`` until it succeeds, backing off while the store or database is down."""
+    def retry(self, what: str, fn: Callable[[], _T]) -> _T:
+        """Run ``fn`` until it succeeds, backing off while the store or database is down.
+
+        Parameters
+        ----------
+        what : str
+            What ``fn`` uses (``"object store"``, ``"database"``), for the outage log lines.
+        fn : callable
+            The step; a storage failure or database outage makes it run again after a
+            back-off (up to ``options.backoff_max``), logged once per outage.
+
+        Returns
+        -------
+        Whatever ``fn`` returns.
+
+        Raises
+        ------
+        InvalidKeyError
+            Not retried: the input is bad.
+        Exception
+            Anything from ``fn`` that is not an outage; or an internal stop signal when
+            ``should_stop`` turns True during an outage.
+        """
         delay = 0.25
         while True:
             try:
@@ -350,28 +414,13 @@ class Ingester:
 
     # -- one instance -------------------------------------------------------------------------
 
-    def _store_object(self, raw: bytes, item: InstanceIn) -> InstanceIn:
-        """Put the bytes under the immutable key, or beside it as a version if the key differs.
+    def store_with_retry(self, raw: bytes, item: InstanceIn) -> InstanceIn:
+        """:func:`store_instance_object` into this ingester's store, waiting out outages."""
+        return self.retry("object store", partial(store_instance_object, self.store, raw, item))
 
-        Returns ``item`` with ``sha256`` set (taken from the store's streaming hash when the
-        caller left it empty) and ``object_key`` pointing at where the bytes are.
-        """
-        try:
-            put = self.store.put_if_absent(item.object_key, raw)
-            return item if item.sha256 else replace(item, sha256=put.sha256)
-        except ObjectExistsError:
-            pass
-        if not item.sha256:
-            item = replace(item, sha256=hashlib.sha256(raw).hexdigest())
-        existing = self.store.get(item.object_key)
-        if hashlib.sha256(existing).hexdigest() == item.sha256:
-            return item  # identical bytes already stored: a replay or a re-send
-        key = instance_version_key(item.study_uid, item.series_uid, item.sop_uid, item.sha256)
-        try:
-            self.store.put_if_absent(key, raw)
-        except ObjectExistsError:
-            pass  # the key is named by the hash: whatever is there holds these bytes
-        return _with_key(item, key)
+    def record_with_retry(self, items: list[InstanceIn]) -> list[RecordOutcome]:
+        """Record one batch (``Repository.record_instances``), waiting out database outages."""
+        return self.retry("database", partial(self.repository.record_instances, items))
 
     def _parse(self, entry: SpoolEntry) -> tuple[InstanceIn, bytes] | None:
         """Read and parse one spool file; ``None`` if it is gone or was rejected."""
@@ -395,13 +444,12 @@ class Ingester:
         if parsed is None:
             return None
         item, raw = parsed
-        stored = self._retry("object store", lambda: self._store_object(raw, item))
-        return stored, len(raw)
+        return self.store_with_retry(raw, item), len(raw)
 
     def _submit_store(self, raw: bytes, item: InstanceIn) -> Future[InstanceIn]:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.options.store_threads, thread_name_prefix="ingest-put")
-        return self._pool.submit(self._retry, "object store", partial(self._store_object, raw, item))
+        return self._pool.submit(self.store_with_retry, raw, item)
 
     def close(self) -> None:
         """Stop the put threads (the Ingester can still be used; they restart on demand)."""
@@ -410,9 +458,6 @@ class Ingester:
             self._pool = None
 
     # -- batches ------------------------------------------------------------------------------
-
-    def _record(self, items: list[InstanceIn]) -> list[RecordOutcome]:
-        return self._retry("database", lambda: self.repository.record_instances(items))
 
     def run_once(self, *, wait: bool = False) -> BatchReport | None:
         """Ingest one batch of what is waiting; ``None`` when there was nothing.
@@ -473,7 +518,7 @@ class Ingester:
         items = [future.result() for future in stores]  # raises _Stopped during an outage + stop
         if not items:
             return None if not rejected else BatchReport(self.worker_index, 0, 0, 0, 0, rejected, 0, 0.0)
-        outcomes = self._record(items)
+        outcomes = self.record_with_retry(items)
         self.spool.remove(entries)
         counts = {s: 0 for s in RecordStatus}
         for outcome in outcomes:
