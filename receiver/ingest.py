@@ -9,7 +9,9 @@ For every spool file, oldest first (:meth:`receiver.spool.Spool.pending`):
 1. parse the header from the bytes (``read_partial`` with ``specific_tags`` and a stop after
    (0020,0013): pixel data and later groups are never parsed);
 2. put the bytes under the immutable key ``instances/{study}/{series}/{sop}.dcm`` with
-   ``put_if_absent``, taking the SHA-256 from the store's single streaming pass. If that key holds other bytes (a re-send with different content), put
+   ``put_if_absent``, taking the SHA-256 from the store's single streaming pass (with the local
+   object store the spool file itself is hard-linked under the key instead: it is already
+   durable, so no second copy or data fsync). If that key holds other bytes (a re-send with different content), put
    them under :func:`storage.keys.instance_version_key` instead; identical bytes are a no-op;
    Puts run in a small thread pool (``store_threads``), in arrival order per SOP Instance UID;
 3. every ``batch_size`` instances or ``batch_seconds`` after the first, whichever comes first,
@@ -47,6 +49,7 @@ from pydicom.filereader import read_partial
 
 from storage.errors import InvalidKeyError, ObjectExistsError, StorageError
 from storage.keys import instance_key, instance_version_key
+from storage.local import LocalObjectStore
 from storage.repository import InstanceIn, RecordOutcome, RecordStatus
 
 if TYPE_CHECKING:
@@ -264,7 +267,7 @@ def read_instance(raw: bytes, entry: SpoolEntry, *, hash_bytes: bool = True) -> 
     )
 
 
-def store_instance_object(store: ObjectStore, raw: bytes, item: InstanceIn) -> InstanceIn:
+def store_instance_object(store: ObjectStore, raw: bytes, item: InstanceIn, *, spool_file: Path | None = None) -> InstanceIn:
     """Put an instance's bytes under its immutable key, or beside it as a version if the key differs.
 
     Parameters
@@ -275,6 +278,11 @@ def store_instance_object(store: ObjectStore, raw: bytes, item: InstanceIn) -> I
         The PS3.10 file as received.
     item : InstanceIn
         The parsed instance (``object_key`` = :func:`storage.keys.instance_key`).
+    spool_file : Path, optional
+        The durable, never-modified spool file holding ``raw``. With the local object store
+        the object is then a hard link to it (:meth:`storage.local.LocalObjectStore.put_file_if_absent`:
+        no second copy, no second data fsync). Never pass a user's file (an import): the
+        object would share its inode.
 
     Returns
     -------
@@ -288,11 +296,20 @@ def store_instance_object(store: ObjectStore, raw: bytes, item: InstanceIn) -> I
     StorageError, OSError
         The store failed (retry with :meth:`Ingester.store_with_retry`).
     """
-    try:
-        put = store.put_if_absent(item.object_key, raw)
-        return item if item.sha256 else replace(item, sha256=put.sha256)
-    except ObjectExistsError:
-        pass
+    if spool_file is not None and isinstance(store, LocalObjectStore):
+        if not item.sha256:
+            item = replace(item, sha256=hashlib.sha256(raw).hexdigest())
+        try:
+            store.put_file_if_absent(item.object_key, spool_file, sha256=item.sha256)
+            return item
+        except ObjectExistsError:
+            pass
+    else:
+        try:
+            put = store.put_if_absent(item.object_key, raw)
+            return item if item.sha256 else replace(item, sha256=put.sha256)
+        except ObjectExistsError:
+            pass
     if not item.sha256:
         item = replace(item, sha256=hashlib.sha256(raw).hexdigest())
     existing = store.get(item.object_key)
@@ -414,9 +431,9 @@ class Ingester:
 
     # -- one instance -------------------------------------------------------------------------
 
-    def store_with_retry(self, raw: bytes, item: InstanceIn) -> InstanceIn:
+    def store_with_retry(self, raw: bytes, item: InstanceIn, *, spool_file: Path | None = None) -> InstanceIn:
         """:func:`store_instance_object` into this ingester's store, waiting out outages."""
-        return self.retry("object store", partial(store_instance_object, self.store, raw, item))
+        return self.retry("object store", partial(store_instance_object, self.store, raw, item, spool_file=spool_file))
 
     def record_with_retry(self, items: list[InstanceIn]) -> list[RecordOutcome]:
         """Record one batch (``Repository.record_instances``), waiting out database outages."""
@@ -444,12 +461,12 @@ class Ingester:
         if parsed is None:
             return None
         item, raw = parsed
-        return self.store_with_retry(raw, item), len(raw)
+        return self.store_with_retry(raw, item, spool_file=entry.path), len(raw)
 
-    def _submit_store(self, raw: bytes, item: InstanceIn) -> Future[InstanceIn]:
+    def _submit_store(self, raw: bytes, item: InstanceIn, spool_file: Path) -> Future[InstanceIn]:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.options.store_threads, thread_name_prefix="ingest-put")
-        return self._pool.submit(self.store_with_retry, raw, item)
+        return self._pool.submit(partial(self.store_with_retry, raw, item, spool_file=spool_file))
 
     def close(self) -> None:
         """Stop the put threads (the Ingester can still be used; they restart on demand)."""
@@ -497,7 +514,7 @@ class Ingester:
                 earlier = by_sop.get(item.sop_uid)
                 if earlier is not None:
                     earlier.result()  # versions of one SOP reach the store in arrival order
-                future = self._submit_store(raw, item)
+                future = self._submit_store(raw, item, entry.path)
                 by_sop[item.sop_uid] = future
                 entries.append(entry)
                 stores.append(future)

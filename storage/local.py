@@ -14,6 +14,7 @@ never listed.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from storage.errors import ObjectExistsError, ObjectNotFoundError, ObjectStoreUnavailableError, StorageError
+from storage.keys import validate_key
 from storage.objects import ObjectInfo, ObjectStore, PutResult, _HashingReader
 
 __all__ = ["LocalObjectStore"]
@@ -134,6 +136,69 @@ class LocalObjectStore(ObjectStore):
         except OSError as exc:
             raise self._unavailable(key, exc) from exc
         return PutResult(key, reader.size, reader.sha256.hexdigest())
+
+    def put_file_if_absent(self, key: str, path: Path, *, sha256: str | None = None) -> PutResult:
+        """Make the existing file ``path`` the object ``key`` by hard-linking it, if the key is free.
+
+        The local counterpart of :meth:`put_if_absent` for a file that is already on disk, on
+        the same file system and durable (its data fsynced), such as a receive-spool file:
+        no byte is copied or fsynced again; only the new name is made durable (``link`` then
+        ``fsync`` of the key's folder). The object and ``path`` share one inode afterwards, so
+        the caller must never modify the file in place (deleting or renaming ``path`` is fine).
+        Falls back to copying (:meth:`put_if_absent`) when hard links are impossible (another
+        file system, or one without links).
+
+        Parameters
+        ----------
+        key : str
+            Object key; validated before any I/O.
+        path : Path
+            The durable source file.
+        sha256 : str, optional
+            The file's SHA-256 hex digest if the caller already computed it (trusted as is);
+            otherwise the file is read and hashed.
+
+        Returns
+        -------
+        PutResult
+            Key, size and SHA-256 of the object.
+
+        Raises
+        ------
+        ObjectExistsError
+            If the key already holds an object.
+        InvalidKeyError
+            If ``key`` is not a valid object key.
+        ObjectStoreUnavailableError
+            If the store cannot be written or ``path`` cannot be read.
+        """
+        validate_key(key)
+        final = self._path(key)
+        try:
+            try:
+                final.parent.mkdir(parents=True, exist_ok=True)
+            except (FileExistsError, NotADirectoryError) as exc:
+                raise StorageError(f"cannot store {key}: a parent of it is an object") from exc
+            size = os.stat(path).st_size
+            if sha256 is None:
+                digest = hashlib.sha256()
+                with open(path, "rb") as f:
+                    while chunk := f.read(_CHUNK):
+                        digest.update(chunk)
+                sha256 = digest.hexdigest()
+            try:
+                os.link(path, final)  # atomic, refuses an existing name: the local If-None-Match
+            except FileExistsError as exc:
+                raise ObjectExistsError(key) from exc
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                    raise
+                with open(path, "rb") as f:
+                    return self.put_if_absent(key, f)
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            raise self._unavailable(key, exc) from exc
+        return PutResult(key, size, sha256)
 
     def _delete(self, key: str) -> None:
         try:

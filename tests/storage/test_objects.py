@@ -393,3 +393,24 @@ def test_local_check_reports_a_missing_root(tmp_path: Path) -> None:
 def test_invalid_bucket_name_is_refused() -> None:
     with pytest.raises(InvalidKeyError):
         S3ObjectStore("127.0.0.1:9", "x")
+
+
+def test_local_put_file_if_absent_links_the_file_once(tmp_path: Path) -> None:
+    store = LocalObjectStore(tmp_path / "objects")
+    source = tmp_path / "spool-file.dcm"
+    data = b"DICM" + bytes(range(256)) * 40
+    source.write_bytes(data)
+    put = store.put_file_if_absent("a/b/one.dcm", source)
+    assert put == PutResult("a/b/one.dcm", len(data), hashlib.sha256(data).hexdigest())
+    assert store.get("a/b/one.dcm") == data
+    assert (tmp_path / "objects" / "a" / "b" / "one.dcm").stat().st_ino == source.stat().st_ino  # no copy
+    with pytest.raises(ObjectExistsError):
+        store.put_file_if_absent("a/b/one.dcm", source, sha256="0" * 64)
+    source.unlink()  # the spool deletes its name: the object stays
+    assert store.get("a/b/one.dcm") == data
+    other = tmp_path / "other.dcm"
+    other.write_bytes(b"x")
+    assert store.put_file_if_absent("a/b/two.dcm", other, sha256="f" * 64).sha256 == "f" * 64  # trusted as given
+    with pytest.raises(InvalidKeyError):
+        store.put_file_if_absent("../escape.dcm", other)
+    assert [o.key for o in store.list()] == ["a/b/one.dcm", "a/b/two.dcm"]
