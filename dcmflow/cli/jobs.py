@@ -19,16 +19,13 @@ def list_jobs(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """List job runs, oldest first."""
-    from sqlalchemy.exc import OperationalError, ProgrammingError
-
-    from dcmflow.wiring import repository_from
     from storage.errors import StorageError
 
-    settings = load_settings()
+    from dcmflow.cli._common import open_repository
+
+    repository = open_repository(load_settings())
     try:
-        jobs = repository_from(settings).list_jobs(series, session_id=session, state=state)
-    except (OperationalError, ProgrammingError):
-        fail("the database has no dcmflow tables yet; run `dcmflow db upgrade` first")
+        jobs = repository.list_jobs(series, session_id=session, state=state)
     except StorageError as exc:
         fail(str(exc))
     emit(jobs, as_json, columns=JOB_COLUMNS, title="jobs")

@@ -29,18 +29,16 @@ JOB_COLUMNS = ["id", "session_id", "job_name", "state", "attempts", "exit_code",
 
 
 def _check_series(settings: Settings, series_uid: str) -> None:
-    from sqlalchemy.exc import OperationalError, ProgrammingError
-
-    from dcmflow.wiring import repository_from
     from storage.errors import StorageError
     from storage.keys import is_valid_uid
 
+    from dcmflow.cli._common import open_repository
+
     if not is_valid_uid(series_uid):
         fail(f"invalid Series Instance UID: {series_uid!r} (expected digits and dots, at most 64 characters)")
+    repository = open_repository(settings)
     try:
-        found = repository_from(settings).get_series(series_uid)
-    except (OperationalError, ProgrammingError):
-        fail("the database has no dcmflow tables yet; run `dcmflow db upgrade` first")
+        found = repository.get_series(series_uid)
     except StorageError as exc:
         fail(str(exc))
     if found is None:

@@ -50,9 +50,10 @@ def _errors() -> Iterator[None]:
 
 
 def _storage(settings: Settings) -> tuple[Repository, ObjectStore]:
-    from dcmflow.wiring import object_store_from, repository_from
+    from dcmflow.cli._common import open_repository
+    from dcmflow.wiring import object_store_from
 
-    return repository_from(settings), object_store_from(settings)
+    return open_repository(settings), object_store_from(settings)
 
 
 @app.command()

@@ -83,10 +83,31 @@ def test_validation_errors_are_one_line_on_stderr(home: Path, make_service, tmp_
     assert one_line_error(invoke("plan")) == "Error: give either SERIES_UID or --dir PATH"
 
 
-def test_database_not_initialised_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_embedded_database_migrates_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DCMFLOW_HOME", str(tmp_path / "fresh"))
-    (tmp_path / "fresh").mkdir()
-    assert "run `dcmflow db upgrade` first" in one_line_error(invoke("list"))
+    result = invoke("list", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == []
+    assert (tmp_path / "fresh" / "dcmflow.db").is_file()
+
+
+@pytest.mark.postgres
+def test_unmigrated_postgresql_is_one_line(monkeypatch: pytest.MonkeyPatch, postgres_url: str) -> None:
+    """PostgreSQL is migrated by `dcmflow db upgrade`, never implicitly: a fresh database says so."""
+    import uuid
+
+    import psycopg
+
+    name = f"dcmflow_empty_{uuid.uuid4().hex[:8]}"
+    admin_url = postgres_url.replace("postgresql+psycopg://", "postgresql://").rsplit("/", 1)[0] + "/postgres"
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        monkeypatch.setenv("DCMFLOW_DATABASE_URL", postgres_url.rsplit("/", 1)[0] + f"/{name}")
+        assert one_line_error(invoke("list")).endswith("is not migrated: run `dcmflow db upgrade`")
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def test_backup_and_remove(home: Path, tmp_path: Path) -> None:
