@@ -328,6 +328,26 @@ def _chunks(items: Sequence[Any], size: int = 500) -> Iterable[Sequence[Any]]:
         yield items[start : start + size]
 
 
+def _claim_rows(conn: Connection, table: sa.Table, due: sa.Select[Any], *, now: dt.datetime, claimer: str) -> list[int]:
+    """Mark the ``due`` rows of a series or study table stable for ``claimer``; their ids.
+
+    The SELECT locks with SKIP LOCKED on PostgreSQL, so concurrent claimers take disjoint
+    rows; the UPDATE re-checks ``state`` so that on SQLite (one writer at a time) a row already
+    claimed since is never handed out twice.
+    """
+    ids = list(conn.execute(_for_update(conn, due, skip_locked=True)).scalars())
+    if not ids:
+        return []
+    return list(
+        conn.execute(
+            sa.update(table)
+            .where(table.c.id.in_(ids), table.c.state == RECEIVING)
+            .values(state=STABLE, stable_at=now, claimed_by=claimer, claimed_at=now)
+            .returning(table.c.id)
+        ).scalars()
+    )
+
+
 def _wrap_integrity(exc: IntegrityError, what: str) -> RecordError:
     first = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)
     return RecordError(f"{what}: {first}")
@@ -835,20 +855,8 @@ class Repository:
                 .order_by(last, T_SERIES.c.id)
                 .limit(limit)
             )
-            ids = list(conn.execute(_for_update(conn, due, skip_locked=True)).scalars())
-            if not ids:
-                return []
-            claimed = list(
-                conn.execute(
-                    sa.update(T_SERIES)
-                    .where(T_SERIES.c.id.in_(ids), T_SERIES.c.state == RECEIVING)
-                    .values(state=STABLE, stable_at=now, claimed_by=claimer, claimed_at=now)
-                    .returning(T_SERIES.c.id)
-                ).scalars()
-            )
-            if not claimed:
-                return []
-            return self._series_claims(conn, claimed, stable_at=now)
+            claimed = _claim_rows(conn, T_SERIES, due, now=now, claimer=claimer)
+            return self._series_claims(conn, claimed, stable_at=now) if claimed else []
 
     @staticmethod
     def _series_claims(
@@ -986,20 +994,8 @@ class Repository:
             .limit(limit)
         )
         with write_transaction(self.engine) as conn:
-            ids = list(conn.execute(_for_update(conn, due, skip_locked=True)).scalars())
-            if not ids:
-                return []
-            claimed = list(
-                conn.execute(
-                    sa.update(T_STUDY)
-                    .where(T_STUDY.c.id.in_(ids), T_STUDY.c.state == RECEIVING)
-                    .values(state=STABLE, stable_at=now, claimed_by=claimer, claimed_at=now)
-                    .returning(T_STUDY.c.id)
-                ).scalars()
-            )
-            if not claimed:
-                return []
-            return self._study_claims(conn, claimed, stable_at=now)
+            claimed = _claim_rows(conn, T_STUDY, due, now=now, claimer=claimer)
+            return self._study_claims(conn, claimed, stable_at=now) if claimed else []
 
     @staticmethod
     def _study_claims(

@@ -18,7 +18,6 @@ from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification  #
 
 from receiver import status
 from storage.keys import instance_key
-from storage.repository import RecordStatus
 from tests.factories import make_small_series, to_p10_bytes
 from tests.receiver.conftest import AE_TITLE, DCMTK_ECHOSCU, DCMTK_STORESCU, Env, RunningScp, write_series
 
