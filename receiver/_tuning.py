@@ -28,6 +28,19 @@ writes exactly the bytes pydicom would (tests compare them on every message kind
 hands any element it does not handle (other groups, sequences, binary values, AT) back to
 pydicom.
 
+Fourth, :func:`fast_command_decoding` is the symmetric decoder for the command sets pynetdicom
+receives (``pynetdicom.dimse_messages.decode``, used only in ``DIMSEMessage.decode_msg``):
+pydicom's reader gives raw elements that are then converted, validated (UID regexes) and
+looked up one by one when pynetdicom turns the message into a primitive. The decoder builds
+the already-converted elements of the ~20 command tags pynetdicom uses (US, UL, UI, AE; values
+checked so that skipping pydicom's validation hides no warning) and hands anything else (AT,
+LO comments, empty or multiple values, unknown tags, truncation) back to pydicom; tests
+compare tag, VR, value, value type and validation mode with pydicom's, and the resulting
+primitives, on every message kind. Measured: ``decode_msg`` + ``message_to_primitive`` of a
+C-STORE-RQ 123 → 60 µs; SCP alone (spool, no ingest), 2000 × 64×64 from DCMTK storescu, six
+alternating runs each: median SCP CPU 0.98 → 0.90 ms per C-STORE, wall 2.61 → 2.44 s (~7 %).
+``ScpConfig.fast_command_decoding=False`` keeps pydicom's reader.
+
 Cost of the short polls: an idle, open association polls ~10× more often (two threads waking every 0.1 ms use
 a few % of a core); connections that are not associated yet and a receiver with no association
 do not poll. Set ``ScpConfig.reactor_delay=None`` to keep pynetdicom's behaviour.
@@ -35,10 +48,18 @@ do not poll. Set ``ScpConfig.reactor_delay=None`` to keep pynetdicom's behaviour
 
 from __future__ import annotations
 
-import time as _time
+import re
 import struct
+import time as _time
 from types import ModuleType
 from typing import Any
+
+from pydicom.charset import default_encoding
+from pydicom.config import IGNORE, settings
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag
+from pydicom.uid import UID
 
 __all__ = [
     "DEFAULT_REACTOR_DELAY",
@@ -47,6 +68,8 @@ __all__ = [
     "set_pynetdicom_event_logging",
     "fast_command_encoding",
     "encode_command_set",
+    "fast_command_decoding",
+    "decode_command_set",
 ]
 
 DEFAULT_REACTOR_DELAY = 0.0001
@@ -196,3 +219,130 @@ def fast_command_encoding(enabled: bool = True) -> None:
     current = dm.encode
     original = getattr(current, "original", current)
     dm.encode = _fast_encode(original) if enabled else original  # type: ignore[attr-defined]
+
+
+# -- decoding ---------------------------------------------------------------------------------
+
+_TAG_LEN = struct.Struct("<HHI").unpack_from
+_U16 = struct.Struct("<H").unpack
+_U32 = struct.Struct("<I").unpack
+# The group 0000 elements pynetdicom's DIMSE messages use (PS3.7 §E.1, Table E.1-1), with their
+# dictionary VR; any other tag (retired ones, AT lists, LO comments…) is left to pydicom.
+_COMMAND_VRS: dict[int, str] = {
+    0x0000: "UL",  # Command Group Length
+    0x0002: "UI",  # Affected SOP Class UID
+    0x0003: "UI",  # Requested SOP Class UID
+    0x0100: "US",  # Command Field
+    0x0110: "US",  # Message ID
+    0x0120: "US",  # Message ID Being Responded To
+    0x0600: "AE",  # Move Destination
+    0x0700: "US",  # Priority
+    0x0800: "US",  # Command Data Set Type
+    0x0900: "US",  # Status
+    0x0903: "US",  # Error ID
+    0x1000: "UI",  # Affected SOP Instance UID
+    0x1001: "UI",  # Requested SOP Instance UID
+    0x1002: "US",  # Event Type ID
+    0x1008: "US",  # Action Type ID
+    0x1020: "US",  # Number of Remaining Sub-operations
+    0x1021: "US",  # Number of Completed Sub-operations
+    0x1022: "US",  # Number of Failed Sub-operations
+    0x1023: "US",  # Number of Warning Sub-operations
+    0x1030: "AE",  # Move Originator Application Entity Title
+    0x1031: "US",  # Move Originator Message ID
+}
+# Values pydicom would accept without a validation warning (PS3.5 §9.1, Table 6.2-1), so that
+# skipping its validation changes nothing: UIDs of digits and dots up to 64 characters, AE titles
+# of printable ASCII without backslash up to 16. Anything else goes to pydicom.
+_UID_OK = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*").fullmatch
+_AE_OK = re.compile(r"[ -\[\]-~]{0,16}").fullmatch
+
+
+def decode_command_set(data: bytes) -> Any | None:
+    """Decode a DIMSE command set (Implicit VR Little Endian, group 0000) without pydicom's reader.
+
+    Parameters
+    ----------
+    data : bytes
+        The encoded command set, as reassembled from the command fragments of P-DATA.
+
+    Returns
+    -------
+    pydicom.dataset.Dataset or None
+        A Dataset whose elements (tag, VR, value) equal what
+        ``pynetdicom.dsutils.decode(BytesIO(data), True, True)`` gives once its raw elements are
+        converted; ``None`` when ``data`` holds anything this decoder leaves to pydicom (a tag
+        not in :data:`_COMMAND_VRS`, empty or multiple values, a UID or AE title pydicom would
+        warn about, non-ASCII text, tags out of order, a truncated element).
+    """
+    mode = settings.reading_validation_mode  # what pydicom gives the elements it converts
+    elements: dict[BaseTag, DataElement | RawDataElement] = {}
+    n = len(data)
+    pos = 0
+    last = -1
+    try:
+        while pos < n:
+            group, element, length = _TAG_LEN(data, pos)
+            start = pos + 8
+            pos = start + length
+            vr = _COMMAND_VRS.get(element) if group == 0 else None
+            if vr is None or pos > n or element <= last:
+                return None
+            last = element
+            raw = data[start:pos]
+            value: Any
+            if vr == "US":
+                if length != 2:
+                    return None
+                (value,) = _U16(raw)
+            elif vr == "UL":
+                if length != 4:
+                    return None
+                (value,) = _U32(raw)
+            else:
+                text = raw.decode("ascii")
+                if vr == "UI":
+                    text = text.rstrip("\0 ")
+                    if len(text) > 64 or not _UID_OK(text):
+                        return None
+                    value = UID(text, validation_mode=IGNORE)  # checked just above
+                else:  # AE: leading and trailing spaces are not significant
+                    if not _AE_OK(text):
+                        return None
+                    value = text.strip()
+                    if not value:
+                        return None
+            tag = BaseTag(element)
+            elements[tag] = DataElement(tag, vr, value, already_converted=True, validation_mode=mode)
+    except (struct.error, UnicodeDecodeError):
+        return None
+    # As pydicom's read_dataset builds it: Dataset(dict of tag -> element) + original encoding.
+    ds = Dataset(elements)
+    ds.set_original_encoding(True, True, default_encoding)
+    return ds
+
+
+def _fast_decode(original: Any) -> Any:
+    def decode(fp: Any, is_implicit_vr: bool, is_little_endian: bool, deflated: bool = False) -> Any:
+        if is_implicit_vr and is_little_endian and not deflated:
+            ds = decode_command_set(fp.getvalue())
+            if ds is not None:
+                return ds
+        return original(fp, is_implicit_vr, is_little_endian, deflated)
+
+    decode.original = original  # type: ignore[attr-defined]
+    return decode
+
+
+def fast_command_decoding(enabled: bool = True) -> None:
+    """Use :func:`decode_command_set` for the command sets pynetdicom receives (idempotent).
+
+    Replaces the ``decode`` name that ``pynetdicom.dimse_messages`` imported from
+    ``pynetdicom.dsutils`` (used there only in ``DIMSEMessage.decode_msg`` for the command set);
+    ``enabled=False`` restores it.
+    """
+    import pynetdicom.dimse_messages as dm
+
+    current = dm.decode
+    original = getattr(current, "original", current)
+    dm.decode = _fast_decode(original) if enabled else original  # type: ignore[attr-defined]

@@ -1,7 +1,8 @@
-"""The byte-level DIMSE command-set encoder writes exactly what pydicom writes."""
+"""The byte-level DIMSE command-set encoder and decoder do exactly what pydicom does."""
 
 from __future__ import annotations
 
+import struct
 from io import BytesIO
 from typing import Any
 
@@ -9,9 +10,14 @@ import pytest
 from pydicom.dataset import Dataset
 from pynetdicom import dimse_messages as dm
 from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_STORE
-from pynetdicom.dsutils import encode
+from pynetdicom.dsutils import decode, encode
 
-from receiver._tuning import encode_command_set, fast_command_encoding
+from receiver._tuning import (
+    decode_command_set,
+    encode_command_set,
+    fast_command_decoding,
+    fast_command_encoding,
+)
 
 SOP_CLASS = "1.2.840.10008.5.1.4.1.1.4"
 SOP_UID = "1.2.826.0.1.3680043.8.498.12345.678"  # odd length: padded with NUL
@@ -103,3 +109,176 @@ def test_switch_is_idempotent_and_reversible() -> None:
         assert dm.encode is encode
     finally:
         dm.encode = before  # type: ignore[attr-defined]
+
+
+# -- decoder ----------------------------------------------------------------------------------
+
+
+def _elements(ds: Dataset) -> list[tuple[Any, ...]]:
+    # Every element converted, as pynetdicom reads them (Dataset iteration converts raw ones).
+    return [
+        (e.tag, e.VR, e.value, type(e.value), e.validation_mode, e.is_undefined_length, e.private_creator)
+        for e in ds
+    ]
+
+
+def _pydicom_decode(data: bytes) -> Dataset:
+    return decode(BytesIO(data), True, True)
+
+
+def _store_rq_bare() -> Dataset:
+    prim = C_STORE()
+    prim.MessageID = 1
+    prim.AffectedSOPClassUID = SOP_CLASS
+    prim.AffectedSOPInstanceUID = SOP_UID
+    prim.Priority = 0
+    prim.DataSet = BytesIO(b"\x08\x00\x16\x00\x00\x00\x00\x00")
+    msg = dm.C_STORE_RQ()
+    msg.primitive_to_message(prim)
+    return msg.command_set
+
+
+def _echo_rq() -> Dataset:
+    prim = C_ECHO()
+    prim.MessageID = 9
+    prim.AffectedSOPClassUID = "1.2.840.10008.1.1"
+    msg = dm.C_ECHO_RQ()
+    msg.primitive_to_message(prim)
+    return msg.command_set
+
+
+def _find_rq() -> Dataset:
+    prim = C_FIND()
+    prim.MessageID = 3
+    prim.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.2.1.1"
+    prim.Priority = 1
+    prim.Identifier = BytesIO(b"\x08\x00\x52\x00\x06\x00\x00\x00STUDY ")
+    msg = dm.C_FIND_RQ()
+    msg.primitive_to_message(prim)
+    return msg.command_set
+
+
+def _dcmtk_store_rq() -> bytes:
+    # What DCMTK storescu sends (captured layout): UIDs NUL-padded, AE padded with a space,
+    # move originator present; built by hand so that the test does not depend on pynetdicom.
+    def el(element: int, value: bytes) -> bytes:
+        return struct.pack("<HHI", 0, element, len(value)) + value
+
+    body = b"".join(
+        [
+            el(0x0002, b"1.2.840.10008.5.1.4.1.1.4\0"),
+            el(0x0100, struct.pack("<H", 0x0001)),
+            el(0x0110, struct.pack("<H", 42)),
+            el(0x0700, struct.pack("<H", 0)),
+            el(0x0800, struct.pack("<H", 0x0000)),
+            el(0x1000, b"1.2.3.4.5.6\0"),
+            el(0x1030, b" MOVER "),
+            el(0x1031, struct.pack("<H", 5)),
+        ]
+    )
+    return el(0x0000, struct.pack("<I", len(body))) + body
+
+
+DECODE_CASES: dict[str, Any] = {
+    **{name: (lambda make=make: encode(make(), True, True)) for name, make in CASES.items()},
+    "store-rq bare": lambda: encode(_store_rq_bare(), True, True),
+    "echo-rq": lambda: encode(_echo_rq(), True, True),
+    "find-rq": lambda: encode(_find_rq(), True, True),
+    "dcmtk store-rq": _dcmtk_store_rq,
+}
+
+
+@pytest.mark.parametrize("name", sorted(DECODE_CASES))
+def test_decoder_gives_pydicoms_dataset(name: str) -> None:
+    data = DECODE_CASES[name]()
+    ours = decode_command_set(data)
+    theirs = _pydicom_decode(data)
+    if "comment" in name:  # (0000,0902) Error Comment (LO) is left to pydicom
+        assert ours is None
+        return
+    assert ours is not None
+    assert _elements(ours) == _elements(theirs)
+    assert ours.original_encoding == theirs.original_encoding
+    assert ours.original_character_set == theirs.original_character_set
+    assert ours.CommandField == theirs.CommandField
+    assert ours.CommandDataSetType == theirs.CommandDataSetType
+
+
+@pytest.mark.parametrize("name", sorted(DECODE_CASES))
+def test_decoded_primitive_is_the_same(name: str) -> None:
+    """Through pynetdicom's own decode_msg + message_to_primitive, with and without the decoder."""
+    from pynetdicom.pdu_primitives import P_DATA
+
+    data = DECODE_CASES[name]()
+    before = dm.decode
+
+    def primitive() -> Any:
+        p_data = P_DATA()
+        p_data.presentation_data_value_list = [[1, b"\x03" + data]]
+        msg = dm.DIMSEMessage()
+        msg.decode_msg(p_data)
+        if msg.command_set.CommandDataSetType != 0x0101:
+            p_data = P_DATA()
+            p_data.presentation_data_value_list = [[1, b"\x02" + b"\x08\x00\x16\x00\x00\x00\x00\x00"]]
+            assert msg.decode_msg(p_data)
+        return msg.message_to_primitive()
+
+    try:
+        fast_command_decoding(False)
+        plain = primitive()
+        fast_command_decoding(True)
+        fast = primitive()
+    finally:
+        dm.decode = before  # type: ignore[attr-defined]
+    assert type(fast) is type(plain)
+    keys = [k for k in dir(plain) if not k.startswith("__") and not callable(getattr(plain, k))]
+    for key in keys:
+        a, b = getattr(fast, key), getattr(plain, key)
+        if hasattr(a, "getvalue"):
+            a, b = a.getvalue(), b.getvalue()
+        assert (key, a, type(a)) == (key, b, type(b))
+
+
+def _raw(*elements: tuple[int, bytes]) -> bytes:
+    return b"".join(struct.pack("<HHI", 0, element, len(value)) + value for element, value in elements)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        _raw((0x0100, b"\x01\x00"), (0x0902, b"comment ")),  # LO: pydicom's
+        _raw((0x0100, b"\x01\x00"), (0x0901, b"\x10\x00\x10\x00")),  # AT: pydicom's
+        _raw((0x0100, b"\x01\x00\x02\x00")),  # two US values
+        _raw((0x0100, b"")),  # empty
+        _raw((0x1000, b"1.2.03.4")),  # a UID pydicom warns about
+        _raw((0x1000, b"1.2\\3.4")),  # multi-valued UI
+        _raw((0x1000, b"1." + b"1" * 70)),  # too long
+        _raw((0x1030, b"AB\\CD")),  # multi-valued AE
+        _raw((0x1030, b"   ")),  # empty AE
+        _raw((0x1030, "ÄE".encode("latin-1"))),  # not ASCII
+        _raw((0x0110, b"\x01\x00"), (0x0100, b"\x01\x00")),  # out of order
+        _raw((0x0100, b"\x01\x00"), (0x0100, b"\x01\x00")),  # repeated
+        _raw((0x0100, b"\x01\x00"))[:-1],  # truncated value
+        _raw((0x0100, b"\x01\x00")) + b"\x00\x00",  # truncated header
+        struct.pack("<HHI", 8, 0x16, 2) + b"1\0",  # other group
+        _raw((0x4000, b"retired")),  # not a tag we decode
+    ],
+)
+def test_decoder_hands_unusual_input_to_pydicom(data: bytes) -> None:
+    assert decode_command_set(data) is None
+
+
+def test_decoding_switch_is_idempotent_and_reversible() -> None:
+    before = dm.decode
+    try:
+        fast_command_decoding(True)
+        fast_command_decoding(True)
+        assert getattr(dm.decode, "original", None) is decode  # pynetdicom.dsutils.decode
+        data = DECODE_CASES["dcmtk store-rq"]()
+        assert _elements(dm.decode(BytesIO(data), True, True)) == _elements(_pydicom_decode(data))
+        bad = _raw((0x0100, b"\x01\x00"), (0x0902, b"comment "))  # falls back, same result
+        assert _elements(dm.decode(BytesIO(bad), True, True)) == _elements(_pydicom_decode(bad))
+        fast_command_decoding(False)
+        assert dm.decode is decode
+    finally:
+        dm.decode = before  # type: ignore[attr-defined]
