@@ -41,6 +41,17 @@ C-STORE-RQ 123 → 60 µs; SCP alone (spool, no ingest), 2000 × 64×64 from DCM
 alternating runs each: median SCP CPU 0.98 → 0.90 ms per C-STORE, wall 2.61 → 2.44 s (~7 %).
 ``ScpConfig.fast_command_decoding=False`` keeps pydicom's reader.
 
+Fifth, :func:`fast_store_response` swaps pynetdicom's ``C_STORE_RSP`` message class (entry
+``C_STORE`` of ``pynetdicom.dimse._RSP_TO_MESSAGE``, the table ``send_msg`` picks response
+classes from) for a subclass that builds the usual response command set (UIDs, message id,
+status, command field, data set type, group length) as DataElements directly instead of
+adding every keyword as a None element, matching keywords to the primitive and deleting the
+unset ones; a response with an Error Comment, an Offending Element or a dataset path takes
+pynetdicom's own code. Tests compare the elements (tag, VR, value, type, validation mode)
+and the P-DATA pieces for ten responses. Measured: building + encoding a C-STORE-RSP
+120 → 52 µs; SCP alone, 2000 × 64×64, six alternating runs each: median SCP CPU 0.97 → 0.785
+ms per C-STORE, wall 2.62 → 2.29 s. ``ScpConfig.fast_store_response=False`` keeps pynetdicom's.
+
 Cost of the short polls: an idle, open association polls ~10× more often (two threads waking every 0.1 ms use
 a few % of a core); connections that are not associated yet and a receiver with no association
 do not poll. Set ``ScpConfig.reactor_delay=None`` to keep pynetdicom's behaviour.
@@ -51,8 +62,9 @@ from __future__ import annotations
 import re
 import struct
 import time as _time
+from io import BytesIO
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 from pydicom.charset import default_encoding
 from pydicom.config import IGNORE, settings
@@ -70,6 +82,7 @@ __all__ = [
     "encode_command_set",
     "fast_command_decoding",
     "decode_command_set",
+    "fast_store_response",
 ]
 
 DEFAULT_REACTOR_DELAY = 0.0001
@@ -346,3 +359,88 @@ def fast_command_decoding(enabled: bool = True) -> None:
     current = dm.decode
     original = getattr(current, "original", current)
     dm.decode = _fast_decode(original) if enabled else original  # type: ignore[attr-defined]
+
+
+# -- C-STORE-RSP ------------------------------------------------------------------------------
+
+# (keyword, tag, VR) of the C-STORE-RSP command elements copied from the primitive when set
+# (PS3.7 §9.3.1.2, Table 9.3-2), in pynetdicom's _COMMAND_SET_KEYWORDS["C-STORE-RSP"] order.
+_STORE_RSP_FIELDS = (
+    ("AffectedSOPClassUID", 0x00000002, "UI"),
+    ("MessageIDBeingRespondedTo", 0x00000120, "US"),
+    ("Status", 0x00000900, "US"),
+    ("AffectedSOPInstanceUID", 0x00001000, "UI"),
+)
+_CGL, _CF, _CDST = BaseTag(0x00000000), BaseTag(0x00000100), BaseTag(0x00000800)
+
+
+def _store_response_class() -> type[Any]:
+    """A ``C_STORE_RSP`` message class whose command set is built without pydicom's keyword
+    machinery for the usual responses (status, UIDs, message id); anything else (an Error
+    Comment, an Offending Element, a dataset path) takes pynetdicom's own code."""
+    import pynetdicom.dimse_messages as dm
+    from pynetdicom.dimse_primitives import C_STORE
+
+    base_init = dm.DIMSEMessage.__init__
+
+    class C_STORE_RSP(dm.C_STORE_RSP):  # the same name: pynetdicom looks messages up by class name
+        __doc__ = dm.C_STORE_RSP.__doc__
+
+        def __init__(self) -> None:
+            # DIMSEMessage.__init__ minus the None-valued elements it adds per keyword; they
+            # are added (or dropped) by primitive_to_message.
+            self.context_id: int | None = None
+            self.encoded_command_set = BytesIO()
+            self.data_set: BytesIO | None = BytesIO()
+            self.command_set = Dataset()
+            self._data_set_path = None
+            self._data_set_file = None
+
+        def primitive_to_message(self, primitive: Any) -> None:
+            if (
+                type(primitive) is not C_STORE
+                or primitive.ErrorComment is not None
+                or primitive.OffendingElement is not None
+                or getattr(primitive, "_dataset_path", None)
+            ):
+                base_init(self)  # pynetdicom's message, exactly
+                super().primitive_to_message(primitive)
+                return
+            ds = self.command_set
+            for keyword, tag, vr in _STORE_RSP_FIELDS:
+                value = getattr(primitive, keyword)
+                if value is not None:
+                    # what Dataset.__setattr__ + ``elem.value = value`` produce
+                    ds._dict[BaseTag(tag)] = DataElement(BaseTag(tag), vr, value)
+            ds._dict[_CF] = DataElement(_CF, "US", 0x8001)
+            ds._dict[_CDST] = DataElement(_CDST, "US", 0x0101)
+            self.data_set = BytesIO()
+            self._data_set_path = None
+            ds._dict[_CGL] = DataElement(_CGL, "UL", len(cast(bytes, dm.encode(ds, True, True))))
+
+    C_STORE_RSP.__qualname__ = "C_STORE_RSP"
+    C_STORE_RSP.__module__ = dm.__name__
+    return C_STORE_RSP
+
+
+_FAST_STORE_RSP: type[Any] | None = None
+
+
+def fast_store_response(enabled: bool = True) -> None:
+    """Build C-STORE-RSP messages with :func:`_store_response_class` in this process (idempotent).
+
+    Swaps the entry for ``C_STORE`` in ``pynetdicom.dimse._RSP_TO_MESSAGE`` (the table
+    ``DIMSEServiceProvider.send_msg`` uses to pick the message class of a response);
+    ``enabled=False`` restores pynetdicom's ``C_STORE_RSP``.
+    """
+    global _FAST_STORE_RSP
+    import pynetdicom.dimse_messages as dm
+    from pynetdicom import dimse
+    from pynetdicom.dimse_primitives import C_STORE
+
+    if enabled:
+        if _FAST_STORE_RSP is None:
+            _FAST_STORE_RSP = _store_response_class()
+        dimse._RSP_TO_MESSAGE[C_STORE] = _FAST_STORE_RSP
+    else:
+        dimse._RSP_TO_MESSAGE[C_STORE] = dm.C_STORE_RSP

@@ -17,6 +17,7 @@ from receiver._tuning import (
     encode_command_set,
     fast_command_decoding,
     fast_command_encoding,
+    fast_store_response,
 )
 
 SOP_CLASS = "1.2.840.10008.5.1.4.1.1.4"
@@ -282,3 +283,70 @@ def test_decoding_switch_is_idempotent_and_reversible() -> None:
         assert dm.decode is decode
     finally:
         dm.decode = before  # type: ignore[attr-defined]
+
+
+# -- C-STORE-RSP ------------------------------------------------------------------------------
+
+
+def _store_rsp_message(**kw: Any) -> Any:
+    from pynetdicom import dimse
+
+    prim = C_STORE()
+    prim.MessageIDBeingRespondedTo = kw.pop("msg_id", 7)
+    prim.AffectedSOPClassUID = kw.pop("sop_class", SOP_CLASS)
+    prim.AffectedSOPInstanceUID = kw.pop("sop", SOP_UID)
+    prim.Status = kw.pop("status", 0x0000)
+    for key, value in kw.items():
+        setattr(prim, key, value)
+    msg = dimse._RSP_TO_MESSAGE[C_STORE]()  # what DIMSEServiceProvider.send_msg does
+    msg.primitive_to_message(prim)
+    return msg
+
+
+RSP_CASES: dict[str, dict[str, Any]] = {
+    "success": {},
+    "even uid, id 0": {"sop": SOP_UID + "1", "msg_id": 0},
+    "id 65535": {"msg_id": 65535},
+    "warning": {"status": 0xB000},
+    "out of resources": {"status": 0xA700},
+    "cannot understand": {"status": 0xC000},
+    "no sop instance": {"sop": None},
+    "no sop class": {"sop_class": None},
+    "error comment": {"status": 0xA900, "ErrorComment": "SOP Instance UID differs"},
+    "offending element": {"status": 0xA900, "OffendingElement": [0x00100010, 0x00100020]},
+}
+
+
+@pytest.mark.parametrize("name", sorted(RSP_CASES))
+def test_store_response_is_pynetdicoms(name: str) -> None:
+    from pynetdicom import dimse
+
+    before = dimse._RSP_TO_MESSAGE[C_STORE]
+
+    def build() -> tuple[Any, ...]:
+        msg = _store_rsp_message(**dict(RSP_CASES[name]))
+        pdata = [p.presentation_data_value_list for p in msg.encode_msg(1, 0)]
+        pdata_limited = [p.presentation_data_value_list for p in msg.encode_msg(3, 40)]
+        return (
+            type(msg).__name__,
+            isinstance(msg, dm.C_STORE_RSP),
+            _elements(msg.command_set),
+            msg.data_set.getvalue(),
+            msg.context_id,
+            msg._data_set_path,
+            msg._data_set_file,
+            pdata,
+            pdata_limited,
+        )
+
+    try:
+        fast_store_response(False)
+        assert dimse._RSP_TO_MESSAGE[C_STORE] is dm.C_STORE_RSP
+        plain = build()
+        fast_store_response(True)
+        fast_store_response(True)
+        assert dimse._RSP_TO_MESSAGE[C_STORE] is not dm.C_STORE_RSP
+        fast = build()
+    finally:
+        dimse._RSP_TO_MESSAGE[C_STORE] = before
+    assert fast == plain
