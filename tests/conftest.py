@@ -16,8 +16,15 @@ import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+
+    from storage.repository import Repository
 
 # Read the test configuration once, before the autouse fixture strips DCMFLOW_* variables.
 _ENV = {k: v for k, v in os.environ.items() if k.startswith("DCMFLOW_TEST_")}
@@ -123,3 +130,53 @@ def prefect_env(prefect_server, monkeypatch: pytest.MonkeyPatch):  # type: ignor
     for key, value in prefect_server.env().items():
         monkeypatch.setenv(key, value)
     return prefect_server
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """URL of an empty (unmigrated) record database, SQLite or PostgreSQL.
+
+    SQLite gets a file in ``tmp_path``; PostgreSQL gets a fresh schema in the session's
+    database (``postgres_url``), selected through ``search_path`` in the URL and dropped
+    afterwards, so every test starts empty and a schema costs milliseconds, not a
+    ``CREATE DATABASE``.
+    """
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'records' / 'dcmflow.db'}"
+        return
+    import sqlalchemy as sa
+
+    base: str = request.getfixturevalue("postgres_url")
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
+        yield sa.engine.make_url(base).update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(
+            hide_password=False
+        )
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
+    finally:
+        admin.dispose()
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    """An engine on the migrated ``db_url`` database."""
+    from storage.db import create_engine, upgrade
+
+    eng = create_engine(db_url)
+    upgrade(eng)
+    try:
+        yield eng
+    finally:
+        eng.dispose()
+
+
+@pytest.fixture
+def repo(engine: Engine) -> Repository:
+    """A repository on the migrated ``db_url`` database."""
+    from storage.repository import Repository
+
+    return Repository(engine)

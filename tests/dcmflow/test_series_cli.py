@@ -30,24 +30,12 @@ def make_app() -> typer.Typer:
     return app
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def home(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+@pytest.fixture
+def home(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("DCMFLOW_HOME", str(tmp_path / "home"))
-    if request.param == "postgresql":
-        import uuid
-
-        import sqlalchemy as sa
-
-        base: str = request.getfixturevalue("postgres_url")
-        schema = f"t_{uuid.uuid4().hex[:12]}"
-        admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
-        admin.dispose()
-        url = sa.engine.make_url(base).update_query_dict({"options": f"-csearch_path={schema}"})
-        url_text = url.render_as_string(hide_password=False)
-        upgrade(create_engine(url_text))  # PostgreSQL is migrated by `dcmflow db upgrade`, not implicitly
-        monkeypatch.setenv("DCMFLOW_DATABASE_URL", url_text)
+    if db_url.startswith("postgresql"):
+        upgrade(create_engine(db_url))  # PostgreSQL is migrated by `dcmflow db upgrade`, not implicitly
+        monkeypatch.setenv("DCMFLOW_DATABASE_URL", db_url)
     return tmp_path
 
 

@@ -11,15 +11,11 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 
 from receiver.completeness import CompletenessMonitor, MonitorOptions
 from receiver.events import SERIES_STABLE, STUDY_RECEIVED, STUDY_STABLE, EventSpec, RecordingEmitter, event_id
-from storage.db import create_engine, upgrade
 from storage.models import PeerBase
 from storage.repository import InstanceIn, Repository
 
@@ -29,37 +25,6 @@ AGE = 60.0
 
 def s(seconds: float) -> dt.datetime:
     return T0 + dt.timedelta(seconds=seconds)
-
-
-# Same idea as tests/storage/conftest.py (conftest fixtures are not shared across folders).
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'dcmflow.db'}"
-        return
-    base: str = request.getfixturevalue("postgres_url")
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
-        yield sa.engine.make_url(base).update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(
-            hide_password=False
-        )
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
-    finally:
-        admin.dispose()
-
-
-@pytest.fixture
-def repo(db_url: str) -> Iterator[Repository]:
-    engine = create_engine(db_url)
-    upgrade(engine)
-    try:
-        yield Repository(engine)
-    finally:
-        engine.dispose()
 
 
 def uid(*parts: int) -> str:
