@@ -259,6 +259,34 @@ class _StudyRow:
     claimed_at: dt.datetime | None
     dirty: bool = False
 
+    @classmethod
+    def of(cls, r: Any) -> _StudyRow:
+        """From a row of :func:`_lock_studies`."""
+        modalities = [x for x in r.modalities.split("\\") if x]
+        return cls(r.id, r.revision, r.state, modalities, r.last_received_at, r.stable_at, r.claimed_by, r.claimed_at)
+
+
+def _lock_studies(conn: Connection, where: Any) -> Any:
+    """Study rows matching ``where``, locked in study UID order (no deadlock between batches)."""
+    return conn.execute(
+        _for_update(
+            conn,
+            sa.select(
+                T_STUDY.c.id,
+                T_STUDY.c.study_uid,
+                T_STUDY.c.revision,
+                T_STUDY.c.state,
+                T_STUDY.c.modalities,
+                T_STUDY.c.last_received_at,
+                T_STUDY.c.stable_at,
+                T_STUDY.c.claimed_by,
+                T_STUDY.c.claimed_at,
+            )
+            .where(where)
+            .order_by(T_STUDY.c.study_uid),
+        )
+    )
+
 
 @dataclass(slots=True)
 class _Versions:
@@ -465,35 +493,9 @@ class Repository:
         )
         studies: dict[int, _StudyRow] = {}
         study_id_of: dict[str, int] = {}
-        for r in conn.execute(
-            _for_update(
-                conn,
-                sa.select(
-                    T_STUDY.c.id,
-                    T_STUDY.c.study_uid,
-                    T_STUDY.c.revision,
-                    T_STUDY.c.state,
-                    T_STUDY.c.modalities,
-                    T_STUDY.c.last_received_at,
-                    T_STUDY.c.stable_at,
-                    T_STUDY.c.claimed_by,
-                    T_STUDY.c.claimed_at,
-                )
-                .where(T_STUDY.c.study_uid.in_(study_uids))
-                .order_by(T_STUDY.c.study_uid),
-            )
-        ):
+        for r in _lock_studies(conn, T_STUDY.c.study_uid.in_(study_uids)):
             study_id_of[r.study_uid] = r.id
-            studies[r.id] = _StudyRow(
-                r.id,
-                r.revision,
-                r.state,
-                [x for x in r.modalities.split("\\") if x],
-                r.last_received_at,
-                r.stable_at,
-                r.claimed_by,
-                r.claimed_at,
-            )
+            studies[r.id] = _StudyRow.of(r)
 
         series_uids = sorted(first_of_series)
         conn.execute(
@@ -554,31 +556,8 @@ class Repository:
         # is; lock that study too so its revision bookkeeping is still consistent.
         missing = sorted({s.study_id for s in series.values()} - set(studies))
         if missing:
-            for r in conn.execute(
-                _for_update(
-                    conn,
-                    sa.select(
-                        T_STUDY.c.id,
-                        T_STUDY.c.revision,
-                        T_STUDY.c.state,
-                        T_STUDY.c.modalities,
-                        T_STUDY.c.last_received_at,
-                        T_STUDY.c.stable_at,
-                        T_STUDY.c.claimed_by,
-                        T_STUDY.c.claimed_at,
-                    ).where(T_STUDY.c.id.in_(missing)),
-                )
-            ):
-                studies[r.id] = _StudyRow(
-                    r.id,
-                    r.revision,
-                    r.state,
-                    [x for x in r.modalities.split("\\") if x],
-                    r.last_received_at,
-                    r.stable_at,
-                    r.claimed_by,
-                    r.claimed_at,
-                )
+            for r in _lock_studies(conn, T_STUDY.c.id.in_(missing)):
+                studies[r.id] = _StudyRow.of(r)
 
         versions: dict[str, _Versions] = {}
         sops = sorted({i.sop_uid for i in batch})
