@@ -29,7 +29,8 @@ checks that a worker's dotted name resolves by reading the files (``ast``), so a
 whose dependencies are not installed in this interpreter can still be validated.
 
 The aliasing touches the process-global ``sys.modules``; a lock serialises it, and callers run
-one service's code at a time.
+one service's code at a time. Other threads (Prefect's) keep importing meanwhile, so every walk
+over ``sys.modules`` goes over a :func:`_modules` snapshot, never the live dict.
 """
 
 from __future__ import annotations
@@ -136,6 +137,12 @@ class _AliasFinder(importlib.abc.MetaPathFinder):
         )
 
 
+def _modules() -> dict[str, types.ModuleType]:
+    """A snapshot of :data:`sys.modules`: ``dict.copy`` runs in C under the GIL, so another thread's
+    import cannot change the dict half-way through it, as it can during a Python-level loop."""
+    return sys.modules.copy()
+
+
 class IsolatedImporter:
     """Imports one side of one service under a private, unique module namespace.
 
@@ -215,10 +222,10 @@ class IsolatedImporter:
             def owned(key: str) -> bool:
                 return key.split(".", 1)[0] in self.tops
 
-            saved = {k: v for k, v in sys.modules.items() if owned(k)}
+            saved = {k: v for k, v in _modules().items() if owned(k)}
             for key in saved:
                 del sys.modules[key]
-            for key, module in list(sys.modules.items()):
+            for key, module in _modules().items():
                 if key.startswith(self.prefix + "."):
                     sys.modules[key[len(self.prefix) + 1 :]] = module
             finder = _AliasFinder(self)
@@ -227,8 +234,8 @@ class IsolatedImporter:
                 yield
             finally:
                 sys.meta_path.remove(finder)
-                for key in [k for k in sys.modules if owned(k)]:
-                    del sys.modules[key]
+                for key in [k for k in _modules() if owned(k)]:
+                    sys.modules.pop(key, None)
                 sys.modules.update(saved)
 
     def resolve(self, dotted: str) -> Callable[..., Any]:
@@ -253,8 +260,8 @@ class IsolatedImporter:
 
     def close(self) -> None:
         """Forget every module imported by this importer."""
-        for key in [k for k in sys.modules if k == self.root_name or k.startswith(self.root_name + ".")]:
-            del sys.modules[key]
+        for key in [k for k in _modules() if k == self.root_name or k.startswith(self.root_name + ".")]:
+            sys.modules.pop(key, None)
 
 
 def _bound_names(tree: ast.Module) -> tuple[set[str], bool]:

@@ -110,3 +110,37 @@ def test_seed_layout_registry_folder_is_the_install_name(tmp_path: Path, make_se
         evaluation = evaluate_callbacks(services, {})
     assert evaluation.added_params == {"tempJob": {"custom-data": "Some new data"}}
     assert spec.jobs[0].params == {} and spec.jobs[0].sort_position == 0
+
+
+def test_evaluation_survives_other_threads_importing_meanwhile(make_service) -> None:  # type: ignore[no-untyped-def]
+    """Prefect's own threads import modules while callbacks run in a flow (seen in CI as
+    'dictionary changed size during iteration'); isolation must not trip over them."""
+    import threading
+
+    alpha = load_service(_service(make_service, "alpha", "a"))
+    stop = threading.Event()
+
+    def churn() -> None:  # another thread importing and unloading modules, as fast as it can
+        n = 0
+        while not stop.is_set():
+            name = f"_dcmflow_churn_{n % 64}"
+            sys.modules[name] = types.ModuleType(name)
+            sys.modules.pop(f"_dcmflow_churn_{(n + 32) % 64}", None)
+            n += 1
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible, so a race shows at once
+    thread = threading.Thread(target=churn, daemon=True)
+    thread.start()
+    try:
+        for _ in range(20):
+            with loaded([alpha]) as services:
+                evaluation = evaluate_callbacks(services, {})
+            assert evaluation.rejected == ()
+            assert evaluation.selected_names == ("a-cb", "a-lazy")
+    finally:
+        stop.set()
+        thread.join()
+        sys.setswitchinterval(interval)
+        for key in [k for k in sys.modules.copy() if k.startswith("_dcmflow_churn_")]:
+            del sys.modules[key]
