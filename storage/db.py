@@ -97,7 +97,9 @@ def create_engine(url: str, **kwargs: Any) -> Engine:
     Engine
         SQLite: WAL, ``synchronous=NORMAL``, foreign keys on, 30 s busy timeout.
         PostgreSQL: ``pool_pre_ping`` so a restarted server does not break the first query,
-        and ``plan_cache_mode=force_custom_plan`` (see the comment in the code).
+        ``plan_cache_mode=force_custom_plan`` (see the comment in the code), and network
+        limits (10 s connect timeout, TCP keepalives, 60 s ``tcp_user_timeout``) so a
+        vanished server is an error within a minute, not a hang.
     """
     parsed = sa.engine.make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -119,7 +121,21 @@ def create_engine(url: str, **kwargs: Any) -> Engine:
         given = parsed.query.get("options", "")
         given = " ".join(given) if isinstance(given, tuple) else given
         parsed = parsed.update_query_dict({"options": f"{given} -c plan_cache_mode=force_custom_plan".strip()})
+        # A database host that vanishes from the network (no RST, packets dropped) would
+        # otherwise hold a connect or a query for the kernel's TCP retries, many minutes,
+        # before ingest's outage back-off even starts. libpq parameters; the URL's own win.
+        parsed = parsed.update_query_dict({k: v for k, v in _PG_NETWORK_LIMITS.items() if k not in parsed.query})
     return sa.create_engine(parsed, **kwargs)
+
+
+_PG_NETWORK_LIMITS = {
+    "connect_timeout": "10",  # s
+    "keepalives": "1",
+    "keepalives_idle": "30",  # s of silence before the first probe
+    "keepalives_interval": "10",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "60000",  # ms that sent data may stay unacknowledged
+}
 
 
 @contextmanager

@@ -173,3 +173,18 @@ def test_postgresql_plans_every_statement_with_current_statistics(postgres_url: 
             assert conn.exec_driver_sql("SHOW search_path").scalar() == "elsewhere"
     finally:
         engine.dispose()
+
+
+def test_postgresql_connections_carry_network_limits(postgres_url: str) -> None:
+    url = sa.engine.make_url(postgres_url).update_query_dict({"connect_timeout": "3"})
+    engine = create_engine(url.render_as_string(hide_password=False))
+    try:
+        with engine.connect() as conn:
+            info = conn.connection.dbapi_connection.info  # type: ignore[union-attr]
+            params = info.get_parameters()
+            assert params["connect_timeout"] == "3"  # the URL's own value wins
+            assert params["keepalives_idle"] == "30" and params["tcp_user_timeout"] == "60000"
+            # and libpq accepted them all: the connection works
+            assert conn.exec_driver_sql("SELECT 1").scalar() == 1
+    finally:
+        engine.dispose()
