@@ -17,12 +17,17 @@ import errno
 import hashlib
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
-from storage.errors import ObjectExistsError, ObjectNotFoundError, ObjectStoreUnavailableError, StorageError
+from storage.errors import (
+    ObjectExistsError,
+    ObjectNotFoundError,
+    ObjectStoreUnavailableError,
+    StorageError,
+)
 from storage.keys import validate_key
 from storage.objects import ObjectInfo, ObjectStore, PutResult, _HashingReader
 
@@ -137,7 +142,7 @@ class LocalObjectStore(ObjectStore):
             raise self._unavailable(key, exc) from exc
         return PutResult(key, reader.size, reader.sha256.hexdigest())
 
-    def put_file_if_absent(self, key: str, path: Path, *, sha256: str | None = None) -> PutResult:
+    def put_file_if_absent(self, key: str, path: Path, *, sha256: str | None = None, sync: bool = True) -> PutResult:
         """Make the existing file ``path`` the object ``key`` by hard-linking it, if the key is free.
 
         The local counterpart of :meth:`put_if_absent` for a file that is already on disk, on
@@ -157,6 +162,10 @@ class LocalObjectStore(ObjectStore):
         sha256 : str, optional
             The file's SHA-256 hex digest if the caller already computed it (trusted as is);
             otherwise the file is read and hashed.
+        sync : bool
+            ``False`` leaves making the new name durable to the caller, who links many files and
+            then calls :meth:`sync_names` once for all of them (one ``fsync`` per folder instead
+            of one per object).
 
         Returns
         -------
@@ -195,10 +204,28 @@ class LocalObjectStore(ObjectStore):
                     raise
                 with open(path, "rb") as f:
                     return self.put_if_absent(key, f)
-            _fsync_dir(final.parent)
+            if sync:
+                _fsync_dir(final.parent)
         except OSError as exc:
             raise self._unavailable(key, exc) from exc
         return PutResult(key, size, sha256)
+
+    def sync_names(self, keys: Iterable[str]) -> None:
+        """Make the names of objects put with ``sync=False`` durable: one ``fsync`` per folder.
+
+        Raises
+        ------
+        InvalidKeyError
+            If a key is not a valid object key.
+        ObjectStoreUnavailableError
+            If a folder cannot be synced.
+        """
+        folders = {self._path(validate_key(key)).parent for key in keys}
+        for folder in sorted(folders):
+            try:
+                _fsync_dir(folder)
+            except OSError as exc:
+                raise self._unavailable(str(folder), exc) from exc
 
     def _delete(self, key: str) -> None:
         try:

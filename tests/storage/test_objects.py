@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import random
 import socket
 import threading
@@ -414,3 +415,29 @@ def test_local_put_file_if_absent_links_the_file_once(tmp_path: Path) -> None:
     with pytest.raises(InvalidKeyError):
         store.put_file_if_absent("../escape.dcm", other)
     assert [o.key for o in store.list()] == ["a/b/one.dcm", "a/b/two.dcm"]
+
+
+def test_local_links_without_sync_then_one_sync_per_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = LocalObjectStore(tmp_path / "objects")
+    keys = [f"s/{series}/{i}.dcm" for series in ("a", "b") for i in range(5)]
+    for i, key in enumerate(keys):
+        source = tmp_path / f"spool-{i}.dcm"
+        source.write_bytes(b"DICM%d" % i)
+        synced: list[int] = []
+        monkeypatch.setattr("storage.local.os.fsync", synced.append)  # count the fsyncs, do not skip more
+        store.put_file_if_absent(key, source, sha256="0" * 64, sync=False)
+        monkeypatch.undo()
+        assert synced == []  # the link's folder is left to sync_names
+    calls: list[int] = []
+    real_fsync = os.fsync
+
+    def counting_fsync(fd: int) -> None:
+        calls.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr("storage.local.os.fsync", counting_fsync)
+    store.sync_names(keys)
+    assert len(calls) == 2  # one per folder, not one per object
+    assert sorted(o.key for o in store.list()) == sorted(keys)
+    with pytest.raises(InvalidKeyError):
+        store.sync_names(["../escape.dcm"])
