@@ -40,8 +40,20 @@ def _trace(jobName, event, **extra):
         fh.write(line + "\\n")
 
 
+def _started(job):
+    try:
+        with open(os.path.join(os.environ["LOGS"], "trace.jsonl")) as fh:
+            return any(json.loads(line) == {**json.loads(line), "job": job, "event": "start"} for line in fh)
+    except FileNotFoundError:
+        return False
+
+
 def record(jobName, headers, params, added_params, **kwargs):
     _trace(jobName, "start")
+    meet = (params or {}).get("meet")  # wait (bounded) until that job has started too
+    deadline = time.monotonic() + (params or {}).get("meet_timeout", 20)
+    while meet and not _started(meet) and time.monotonic() < deadline:
+        time.sleep(0.02)
     time.sleep((params or {}).get("sleep", 0.2))
     out = Path(os.environ["DATA"]) / "results" / f"{jobName}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
