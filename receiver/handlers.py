@@ -3,9 +3,10 @@
 Handlers are plain functions; :mod:`receiver.scp` binds them as ``(evt.EVT_X, handler, [deps])``
 tuples, so every dependency arrives as an argument and nothing lives in module globals.
 
-* :func:`handle_store` (intervention, EVT_C_STORE) checks the request cheaply, writes the raw
-  bytes durably to the spool and answers; it never raises (a handler that raises yields only
-  0xC211 in pynetdicom) and never decodes more than the few header elements it checks.
+* :func:`handle_store` (intervention, EVT_C_STORE) runs :func:`store_dataset`, which checks the
+  request cheaply, writes the raw bytes durably to the spool and gives the status; it never
+  raises (a handler that raises yields only 0xC211 in pynetdicom) and never decodes more than
+  the few header elements it checks. :mod:`receiver.transfer` calls the same function.
 * :func:`handle_echo` (EVT_C_ECHO) answers Success (PS3.7 §9.1.5 Verification).
 * :func:`handle_requested` (notification, EVT_REQUESTED) applies the caller policy and sends
   A-ASSOCIATE-RJ (PS3.8 §7.1.1.9) to callers that may not send.
@@ -17,9 +18,8 @@ from __future__ import annotations
 
 import io
 import logging
-import time
 import zlib
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
@@ -34,15 +34,18 @@ if TYPE_CHECKING:
     from pynetdicom.events import Event
 
     from receiver.associations import AssociationTracker, CallerPolicy
-    from receiver.spool import Spool
+    from receiver.spool import Spool, SpoolWriter
 
 __all__ = [
+    "HEADER_PREFIX",
+    "InstanceStore",
     "check_dataset",
-    "handle_store",
-    "handle_echo",
-    "handle_requested",
-    "handle_established",
     "handle_closed",
+    "handle_echo",
+    "handle_established",
+    "handle_requested",
+    "handle_store",
+    "store_dataset",
 ]
 
 log = logging.getLogger("receiver")
@@ -114,8 +117,167 @@ def _check_uids(uids: list[str], affected_sop_uid: str) -> tuple[str, str, str]:
     return uids[0], uids[1], uids[2]
 
 
+HEADER_PREFIX = 64 * 1024
+"""Bytes of a data set kept in memory while it streams to the spool, for :func:`check_dataset`."""
+
+
+class InstanceStore:
+    """One C-STORE data set on its way into the spool, fragment by fragment (PS3.4 B.2.3).
+
+    Everything this receiver does for a C-STORE-RQ: created when the request's command set is
+    known, it validates the Affected SOP Instance UID and opens a spool entry with the file
+    meta (:func:`receiver.p10.file_meta`); :meth:`add` writes each data-set fragment as it
+    arrives; :meth:`finish` checks the identifying UIDs (:func:`check_dataset`, on the first
+    :data:`HEADER_PREFIX` bytes, re-reading the file in the rare case that is not enough),
+    then commits the entry durably or drops it, and gives the status to answer. Nothing is
+    decoded or hashed here. It never raises.
+
+    Parameters
+    ----------
+    assoc : pynetdicom.association.Association
+        The association (for the tracker: its id and calling AE title).
+    spool : Spool
+        Where acknowledged instances are kept until ingest.
+    tracker : AssociationTracker
+        Counts what the association stored.
+    sop_class_uid, sop_instance_uid : str
+        The request's Affected SOP Class and Instance UIDs (PS3.7 §9.1.1.1).
+    transfer_syntax : str
+        Of the presentation context the data set arrives on.
+    """
+
+    def __init__(
+        self,
+        assoc: Any,
+        spool: Spool,
+        tracker: AssociationTracker,
+        *,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        transfer_syntax: str,
+    ) -> None:
+        self._assoc = assoc
+        self._tracker = tracker
+        self._transfer_syntax = transfer_syntax
+        self._writer: SpoolWriter | None = None
+        self._meta_size = 0
+        self._size = 0
+        self._head = bytearray()
+        self.status: int | None = None  # decided before the data set: the answer whatever comes
+        self.affected = sop_instance_uid.strip("\0 ")
+        self._label = "?"
+        try:
+            info = tracker.info(assoc)
+            self._label = info.label
+            if not is_valid_uid(self.affected):
+                log.warning(
+                    "store from %s refused: Affected SOP Instance UID is not a UID: %r", self._label, self.affected[:80]
+                )
+                self.status = status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+                return
+            # Same bytes as ``event.encoded_dataset()`` (plus (0002,0016) Source AE Title),
+            # built without pydicom: see receiver/p10.py.
+            meta = file_meta(sop_class_uid, self.affected, transfer_syntax, info.calling_ae)
+            self._writer = spool.open_entry(
+                sop_uid=self.affected, association_id=info.association_id, calling_ae=info.calling_ae
+            )
+            self._writer.write(meta)
+            self._meta_size = len(meta)
+        except SpoolFullError as exc:
+            tracker.note_refused(assoc, str(exc))
+            self.status = status.OUT_OF_RESOURCES
+        except Exception as exc:  # noqa: BLE001 - never raise: the sender must get an answer
+            self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        if isinstance(exc, OSError):
+            log.error("store from %s: spool write failed (0xA700): %s", self._label, exc)
+            self.status = status.OUT_OF_RESOURCES
+        else:
+            log.exception("store: unexpected error, answering 0xC000")
+            self.status = status.CANNOT_UNDERSTAND
+        self.discard()
+
+    def add(self, fragment: bytes | bytearray | memoryview) -> None:
+        """Write the next data-set fragment (ignored once the answer is decided)."""
+        if self._writer is None:
+            return
+        try:
+            if len(self._head) < HEADER_PREFIX:
+                self._head += fragment[: HEADER_PREFIX - len(self._head)]
+            self._writer.write(fragment)
+            self._size += len(fragment)
+        except Exception as exc:  # noqa: BLE001 - as above
+            self._fail(exc)
+
+    def _check(self) -> str:
+        assert self._writer is not None
+        head = bytes(self._head)
+        if self._size > len(head):
+            found = scan_uids(head, self._transfer_syntax)
+            if found is not None and all(found.get(t) for t in (STUDY_UID, SERIES_UID, SOP_UID)):
+                # All three seen whole in the prefix: the same answer as on the whole data set.
+                return _check_uids([found[t] for t in (STUDY_UID, SERIES_UID, SOP_UID)], self.affected)[1]
+            head = self._writer.read_back(self._meta_size)
+        return check_dataset(head, self._transfer_syntax, self.affected)[1]
+
+    def finish(self) -> int:
+        """Check, commit durably (or drop), and return the status to answer."""
+        if self.status is not None:
+            return self.status
+        try:
+            try:
+                series_uid = self._check()
+            except InvalidInstanceError as exc:
+                log.warning("store from %s refused (0x%04X): %s [%s]", self._label, exc.status, exc, self.affected)
+                self.discard()
+                return exc.status
+            assert self._writer is not None
+            self._writer.commit()
+            self._writer = None
+        except Exception as exc:  # noqa: BLE001 - as above
+            self._fail(exc)
+            assert self.status is not None
+            return self.status
+        self._tracker.note_stored(self._assoc, self._size, series_uid)
+        return status.SUCCESS
+
+    def discard(self) -> None:
+        """Drop what was written (the association ended before the data set did)."""
+        if self._writer is not None:
+            self._writer.discard()
+            self._writer = None
+
+
+def store_dataset(
+    assoc: Any,
+    spool: Spool,
+    tracker: AssociationTracker,
+    *,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    transfer_syntax: str,
+    data_set: bytes,
+) -> int:
+    """:class:`InstanceStore` for a data set received whole; returns the status to answer.
+
+    0x0000 when the bytes are durable; 0xA900 / 0xC000 for unusable datasets; 0xA700 when the
+    spool is below its watermark or the write failed. It never raises.
+    """
+    store = InstanceStore(
+        assoc,
+        spool,
+        tracker,
+        sop_class_uid=sop_class_uid,
+        sop_instance_uid=sop_instance_uid,
+        transfer_syntax=transfer_syntax,
+    )
+    store.add(data_set)
+    return store.finish()
+
+
 def handle_store(event: Event, spool: Spool, tracker: AssociationTracker) -> int:
-    """EVT_C_STORE: validate cheaply, spool the raw bytes durably, then answer (PS3.4 B.2.3).
+    """EVT_C_STORE: :func:`store_dataset` for a request pynetdicom decoded.
 
     Parameters
     ----------
@@ -129,44 +291,20 @@ def handle_store(event: Event, spool: Spool, tracker: AssociationTracker) -> int
     Returns
     -------
     int
-        0x0000 when the bytes are durable; 0xA900 / 0xC000 for unusable datasets; 0xA700 when
-        the spool is below its watermark or the write failed.
+        The status of :func:`store_dataset`.
     """
     try:
         request = cast("C_STORE", event.request)
-        info = tracker.info(event.assoc)
-        affected = str(request.AffectedSOPInstanceUID or "").strip("\0 ")
-        if not is_valid_uid(affected):
-            log.warning("store from %s refused: Affected SOP Instance UID is not a UID: %r", info.label, affected[:80])
-            return status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
-        dataset = request.DataSet.getvalue()  # type: ignore[union-attr]
-        transfer_syntax = event.context.transfer_syntax
-        try:
-            _study, series_uid, _sop = check_dataset(dataset, transfer_syntax, affected)
-        except InvalidInstanceError as exc:
-            log.warning("store from %s refused (0x%04X): %s [%s]", info.label, exc.status, exc, affected)
-            return exc.status
-        received_ns = time.time_ns()
-        try:
-            # Same bytes as ``event.encoded_dataset()`` (plus (0002,0016) Source AE Title),
-            # built without pydicom: see receiver/p10.py.
-            meta = file_meta(str(request.AffectedSOPClassUID), affected, transfer_syntax, info.calling_ae)
-            spool.write(
-                [meta, dataset],
-                sop_uid=affected,
-                association_id=info.association_id,
-                calling_ae=info.calling_ae,
-                received_ns=received_ns,
-            )
-        except SpoolFullError as exc:
-            tracker.note_refused(event.assoc, str(exc))
-            return status.OUT_OF_RESOURCES
-        except OSError as exc:
-            log.error("store from %s: spool write failed (0xA700): %s", info.label, exc)
-            return status.OUT_OF_RESOURCES
-        tracker.note_stored(event.assoc, len(dataset), series_uid)
-        return status.SUCCESS
-    except Exception:  # never raise out of an intervention handler
+        return store_dataset(
+            event.assoc,
+            spool,
+            tracker,
+            sop_class_uid=str(request.AffectedSOPClassUID or ""),
+            sop_instance_uid=str(request.AffectedSOPInstanceUID or ""),
+            transfer_syntax=event.context.transfer_syntax,
+            data_set=request.DataSet.getvalue(),  # type: ignore[union-attr]
+        )
+    except Exception:  # never raise out of an intervention handler (pynetdicom answers 0xC211)
         log.exception("store: unexpected error, answering 0xC000")
         return status.CANNOT_UNDERSTAND
 

@@ -6,12 +6,15 @@ in-process for tests (:meth:`Ingester.run_once`).
 
 For every spool file, oldest first (:meth:`receiver.spool.Spool.pending`):
 
-1. parse the header from the bytes (``read_partial`` with ``specific_tags`` and a stop after
-   (0020,0013): pixel data and later groups are never parsed);
+1. parse the header from the bytes: :func:`receiver.header.read_header` walks the elements up
+   to (0020,0013) with :mod:`struct` and gives pydicom's values; for what it does not handle
+   (big endian, deflate, multi-valued text, ...) ``read_partial`` with ``specific_tags`` and a
+   stop after (0020,0013). Pixel data and later groups are never parsed;
 2. put the bytes under the immutable key ``instances/{study}/{series}/{sop}.dcm`` with
    ``put_if_absent``, taking the SHA-256 from the store's single streaming pass (with the local
    object store the spool file itself is hard-linked under the key instead: it is already
-   durable, so no second copy or data fsync). If that key holds other bytes (a re-send with different content), put
+   durable, so no second copy or data fsync, and the new names are fsynced once per folder and
+   batch). If that key holds other bytes (a re-send with different content), put
    them under :func:`storage.keys.instance_version_key` instead; identical bytes are a no-op;
    Puts run in a small thread pool (``store_threads``), in arrival order per SOP Instance UID;
 3. every ``batch_size`` instances or ``batch_seconds`` after the first, whichever comes first,
@@ -47,6 +50,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from pydicom.datadict import tag_for_keyword
 from pydicom.filereader import read_partial
 
+from receiver.header import HeaderValues, read_header
 from storage.errors import InvalidKeyError, ObjectExistsError, StorageError
 from storage.keys import instance_key, instance_version_key
 from storage.local import LocalObjectStore
@@ -209,6 +213,10 @@ def _stop_after_header(tag: int, vr: str | None, length: int) -> bool:
 def read_instance(raw: bytes, entry: SpoolEntry, *, hash_bytes: bool = True) -> tuple[InstanceIn, str]:
     """Parse the header of a spooled file into an :class:`~storage.repository.InstanceIn`.
 
+    The byte-level :func:`receiver.header.read_header` reads it when it can (~10× cheaper,
+    ``bench/ingest/header_bench.py``); pydicom reads the rest, with the same values either way
+    (``tests/receiver/test_header.py``).
+
     Parameters
     ----------
     raw : bytes
@@ -231,6 +239,49 @@ def read_instance(raw: bytes, entry: SpoolEntry, *, hash_bytes: bool = True) -> 
     Exception
         Whatever pydicom raises on bytes that do not parse.
     """
+    header = read_header(raw)
+    if header is None:
+        return _read_instance_pydicom(raw, entry, hash_bytes=hash_bytes)
+    return _instance(header, raw, entry, hash_bytes=hash_bytes)
+
+
+def _instance(header: HeaderValues, raw: bytes, entry: SpoolEntry, *, hash_bytes: bool) -> tuple[InstanceIn, str]:
+    """:func:`read_instance` from the byte-level reader's values (same fields as the pydicom path)."""
+    key = instance_key(header.study_uid, header.series_uid, header.sop_uid)  # validates all three
+    sha = hashlib.sha256(raw).hexdigest() if hash_bytes else ""
+    return (
+        InstanceIn(
+            study_uid=header.study_uid,
+            series_uid=header.series_uid,
+            sop_uid=header.sop_uid,
+            sha256=sha,
+            size=len(raw),
+            object_key=key,
+            received_at=entry.received_at,
+            sop_class_uid=header.sop_class_uid or header.media_storage_sop_class_uid,
+            transfer_syntax_uid=header.transfer_syntax_uid,
+            instance_number=header.instance_number,
+            calling_ae=entry.calling_ae,
+            patient_id=header.patient_id,
+            patient_name=header.patient_name,
+            patient_birth_date=header.patient_birth_date,
+            patient_sex=header.patient_sex,
+            study_date=header.study_date,
+            study_time=header.study_time,
+            study_description=header.study_description,
+            accession_number=header.accession_number,
+            referring_physician=header.referring_physician,
+            modality=header.modality,
+            series_number=header.series_number,
+            series_description=header.series_description,
+            body_part=header.body_part,
+        ),
+        sha,
+    )
+
+
+def _read_instance_pydicom(raw: bytes, entry: SpoolEntry, *, hash_bytes: bool = True) -> tuple[InstanceIn, str]:
+    """:func:`read_instance` with pydicom only: for files :func:`read_header` leaves to it (and tests)."""
     ds = read_partial(io.BytesIO(raw), stop_when=_stop_after_header, specific_tags=_HEADER_TAG_NUMBERS)
     meta = ds.file_meta
     study, series, sop = _text(ds, "StudyInstanceUID"), _text(ds, "SeriesInstanceUID"), _text(ds, "SOPInstanceUID")
@@ -267,7 +318,9 @@ def read_instance(raw: bytes, entry: SpoolEntry, *, hash_bytes: bool = True) -> 
     )
 
 
-def store_instance_object(store: ObjectStore, raw: bytes, item: InstanceIn, *, spool_file: Path | None = None) -> InstanceIn:
+def store_instance_object(
+    store: ObjectStore, raw: bytes, item: InstanceIn, *, spool_file: Path | None = None, sync: bool = True
+) -> InstanceIn:
     """Put an instance's bytes under its immutable key, or beside it as a version if the key differs.
 
     Parameters
@@ -283,6 +336,9 @@ def store_instance_object(store: ObjectStore, raw: bytes, item: InstanceIn, *, s
         the object is then a hard link to it (:meth:`storage.local.LocalObjectStore.put_file_if_absent`:
         no second copy, no second data fsync). Never pass a user's file (an import): the
         object would share its inode.
+    sync : bool
+        ``False``: the hard link's name is not fsynced here; the caller must call
+        :meth:`storage.local.LocalObjectStore.sync_names` before relying on it (recording it).
 
     Returns
     -------
@@ -300,7 +356,7 @@ def store_instance_object(store: ObjectStore, raw: bytes, item: InstanceIn, *, s
         if not item.sha256:
             item = replace(item, sha256=hashlib.sha256(raw).hexdigest())
         try:
-            store.put_file_if_absent(item.object_key, spool_file, sha256=item.sha256)
+            store.put_file_if_absent(item.object_key, spool_file, sha256=item.sha256, sync=sync)
             return item
         except ObjectExistsError:
             pass
@@ -431,9 +487,13 @@ class Ingester:
 
     # -- one instance -------------------------------------------------------------------------
 
-    def store_with_retry(self, raw: bytes, item: InstanceIn, *, spool_file: Path | None = None) -> InstanceIn:
+    def store_with_retry(
+        self, raw: bytes, item: InstanceIn, *, spool_file: Path | None = None, sync: bool = True
+    ) -> InstanceIn:
         """:func:`store_instance_object` into this ingester's store, waiting out outages."""
-        return self.retry("object store", partial(store_instance_object, self.store, raw, item, spool_file=spool_file))
+        return self.retry(
+            "object store", partial(store_instance_object, self.store, raw, item, spool_file=spool_file, sync=sync)
+        )
 
     def record_with_retry(self, items: list[InstanceIn]) -> list[RecordOutcome]:
         """Record one batch (``Repository.record_instances``), waiting out database outages."""
@@ -455,18 +515,11 @@ class Ingester:
             return None
         return item, raw
 
-    def _prepare(self, entry: SpoolEntry) -> tuple[InstanceIn, int] | None:
-        """Parse and store one spool file (serially); ``None`` if it was rejected."""
-        parsed = self._parse(entry)
-        if parsed is None:
-            return None
-        item, raw = parsed
-        return self.store_with_retry(raw, item, spool_file=entry.path), len(raw)
-
     def _submit_store(self, raw: bytes, item: InstanceIn, spool_file: Path) -> Future[InstanceIn]:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.options.store_threads, thread_name_prefix="ingest-put")
-        return self._pool.submit(partial(self.store_with_retry, raw, item, spool_file=spool_file))
+        # Names made durable per batch, one fsync per folder (run_once → LocalObjectStore.sync_names).
+        return self._pool.submit(partial(self.store_with_retry, raw, item, spool_file=spool_file, sync=False))
 
     def close(self) -> None:
         """Stop the put threads (the Ingester can still be used; they restart on demand)."""
@@ -535,6 +588,8 @@ class Ingester:
         items = [future.result() for future in stores]  # raises _Stopped during an outage + stop
         if not items:
             return None if not rejected else BatchReport(self.worker_index, 0, 0, 0, 0, rejected, 0, 0.0)
+        if isinstance(self.store, LocalObjectStore):  # hard links made without their folder fsync
+            self.retry("object store", partial(self.store.sync_names, [item.object_key for item in items]))
         outcomes = self.record_with_retry(items)
         self.spool.remove(entries)
         counts = {s: 0 for s in RecordStatus}

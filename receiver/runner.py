@@ -135,7 +135,7 @@ class Receiver:
         return int(self.server.server_address[1])
 
     def start(self, *, log_level: int = logging.INFO) -> None:
-        """Recover the spool, start ingest processes, then the SCP.
+        """Recover the spool, start ingest processes and the completeness monitor, then the SCP.
 
         Raises
         ------
@@ -159,6 +159,10 @@ class Receiver:
         policy = CallerPolicy(accept_any=cfg.accept_any, trusted_networks=cfg.trusted_networks, peers=peers)
         tracker = AssociationTracker(self.facts)
         try:
+            # The monitor first: building its emitter imports Prefect (seconds of CPU), which
+            # must not compete for the GIL with the first associations.
+            if cfg.completeness and self.repository is not None:
+                self._start_monitor()
             self.server = start_scp(cfg.scp, self.spool, tracker, policy)
         except BaseException:
             self.stop()
@@ -173,12 +177,6 @@ class Receiver:
             cfg.ingest_workers,
             "" if cfg.ingest_workers == 1 else "es",
         )
-        if cfg.completeness and self.repository is not None:
-            try:
-                self._start_monitor()
-            except BaseException:
-                self.stop()
-                raise
 
     def _start_monitor(self) -> None:
         from receiver.events import PrefectEmitter  # imports Prefect: only when monitoring

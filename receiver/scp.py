@@ -24,14 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from receiver._tuning import (
     DEFAULT_REACTOR_DELAY,
-    fast_command_decoding,
-    fast_command_encoding,
-    fast_store_response,
     set_pynetdicom_event_logging,
     shorten_reactor_sleeps,
 )
@@ -43,6 +40,7 @@ from receiver.handlers import (
     handle_requested,
     handle_store,
 )
+from receiver.transfer import attach
 
 if TYPE_CHECKING:
     from pynetdicom.transport import ThreadedAssociationServer
@@ -50,7 +48,7 @@ if TYPE_CHECKING:
     from receiver.associations import AssociationTracker, CallerPolicy
     from receiver.spool import Spool
 
-__all__ = ["ScpConfig", "DEFAULT_MAXIMUM_ASSOCIATIONS", "build_ae", "start_scp", "tls_context"]
+__all__ = ["DEFAULT_MAXIMUM_ASSOCIATIONS", "ScpConfig", "build_ae", "start_scp", "tls_context"]
 
 DEFAULT_MAXIMUM_ASSOCIATIONS = 32
 """Concurrent inbound associations (pynetdicom's default is 10); more get A-ASSOCIATE-RJ
@@ -86,16 +84,10 @@ class ScpConfig:
     unrestricted_storage : bool
         Accept any storage/private/unknown SOP class with any transfer syntax (see
         :func:`build_ae`).
-    fast_command_encoding : bool
-        Encode DIMSE command sets with :func:`receiver._tuning.encode_command_set` instead of
-        pydicom's writer (same bytes, less CPU per message).
-    fast_command_decoding : bool
-        Decode received DIMSE command sets with :func:`receiver._tuning.decode_command_set`
-        instead of pydicom's reader (same Dataset values, less CPU per message; anything unusual
-        still goes to pydicom).
-    fast_store_response : bool
-        Build C-STORE-RSP messages with :func:`receiver._tuning.fast_store_response` (same
-        command set and bytes as pynetdicom's, less CPU per message).
+    fast_transfer : bool
+        Once pynetdicom has negotiated an association, run its data phase (C-STORE, C-ECHO,
+        release, abort) in :mod:`receiver.transfer`'s single loop instead of pynetdicom's two
+        polling threads (same responses, byte for byte; several times less CPU per message).
     """
 
     ae_title: str = "DCMFLOW"
@@ -109,9 +101,7 @@ class ScpConfig:
     reactor_delay: float | None = DEFAULT_REACTOR_DELAY
     pynetdicom_event_logs: bool = False
     unrestricted_storage: bool = True
-    fast_command_encoding: bool = True
-    fast_command_decoding: bool = True
-    fast_store_response: bool = True
+    fast_transfer: bool = True
 
 
 def tls_context(config: ScpConfig) -> ssl.SSLContext | None:
@@ -195,11 +185,9 @@ def start_scp(
     if config.reactor_delay is not None:
         shorten_reactor_sleeps(config.reactor_delay)
     set_pynetdicom_event_logging(config.pynetdicom_event_logs)
-    fast_command_encoding(config.fast_command_encoding)
-    fast_command_decoding(config.fast_command_decoding)
-    fast_store_response(config.fast_store_response)
     handlers = [
         (evt.EVT_REQUESTED, handle_requested, [policy, tracker]),
+        *([(evt.EVT_REQUESTED, attach, [spool, tracker])] if config.fast_transfer else []),
         (evt.EVT_ESTABLISHED, handle_established, [tracker]),
         (evt.EVT_C_STORE, handle_store, [spool, tracker]),
         (evt.EVT_C_ECHO, handle_echo),

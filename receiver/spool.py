@@ -13,10 +13,11 @@ Layout under ``Settings.spool_dir``::
     ready/     durable, acknowledged instances waiting for ingest
     rejected/  files ingest could not use (kept for a person, with a ``.reason`` text beside)
 
-Writing one instance (:meth:`Spool.write`): write ``tmp/<unique>.part`` → ``fsync`` the file →
-``rename`` into ``ready/`` (atomic within one file system, which is why ``tmp/`` is a sibling) →
-``fsync`` the ``ready/`` folder so the new name survives a power cut. Only then does the caller
-answer Success.
+Writing one instance (:meth:`Spool.open_entry` → :class:`SpoolWriter`, or :meth:`Spool.write`
+in one go): write ``tmp/<unique>.part`` (while the data set still arrives, starting the
+kernel's write-back every 64 KiB) → ``fsync`` the file → ``rename`` into ``ready/`` (atomic
+within one file system, which is why ``tmp/`` is a sibling) → ``fsync`` the ``ready/`` folder so
+the new name survives a power cut. Only then does the caller answer Success.
 
 What ingest needs besides the bytes travels in the file name, so no database and no sidecar
 file is involved (one file = one atomic rename)::
@@ -38,27 +39,32 @@ the handler answers with 0xA700 Out of Resources) when writing would leave less 
 
 from __future__ import annotations
 
+import ctypes
 import datetime as dt
 import fcntl
 import itertools
 import logging
 import os
+import sys
 import threading
 import time
 import uuid
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 from receiver.errors import SpoolError, SpoolFullError, SpoolLockedError
 from storage.keys import is_valid_uid
 
 __all__ = [
-    "Spool",
-    "SpoolEntry",
     "DEFAULT_MIN_FREE_BYTES",
     "DEFAULT_MIN_FREE_FRACTION",
+    "WRITEBACK_CHUNK",
+    "Spool",
+    "SpoolEntry",
+    "SpoolWriter",
     "new_association_id",
 ]
 
@@ -90,6 +96,35 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+WRITEBACK_CHUNK = 64 * 1024
+"""Start the kernel's write-back of a spool file every this many bytes written (Linux)."""
+
+_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start write-out of dirty pages, do not wait
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    # os has no sync_file_range(2); libc has, on Linux. Elsewhere commit's fsync does it all.
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function  # type: ignore[no-any-return]
+
+
+_sync_file_range = _load_sync_file_range()
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing this range back now (a hint; errors surface at fsync)."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 @dataclass(frozen=True)
@@ -140,6 +175,78 @@ class SpoolEntry:
             return None
         received = dt.datetime.fromtimestamp(ns / 1e9, tz=dt.UTC)
         return cls(path=path, received_at=received, association_id=assoc, calling_ae=calling_ae, sop_uid=sop)
+
+
+class SpoolWriter:
+    """One instance being written into the spool (from :meth:`Spool.open_entry`).
+
+    :meth:`write` appends bytes to ``tmp/<name>.part`` and, every :data:`WRITEBACK_CHUNK`
+    bytes, asks the kernel to start writing them back (Linux ``sync_file_range``), so that
+    :meth:`commit` (``fsync`` → ``rename`` into ``ready/`` → ``fsync`` of ``ready/``) waits for
+    little more than the journal. :meth:`discard` (also on leaving a ``with`` block without a
+    commit) removes the temporary file: it was never acknowledged.
+    """
+
+    def __init__(self, spool: Spool, entry: SpoolEntry, tmp: Path) -> None:
+        self.entry = entry
+        self.size = 0
+        self._spool = spool
+        self._tmp = tmp
+        self._fd: int | None = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        self._unsynced_from = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Append ``data`` (written fully)."""
+        if self._fd is None:
+            raise ValueError("spool writer is closed")
+        view = memoryview(data)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+            self.size += written
+        if self.size - self._unsynced_from >= WRITEBACK_CHUNK:
+            _start_writeback(self._fd, self._unsynced_from, self.size - self._unsynced_from)
+            self._unsynced_from = self.size
+
+    def commit(self) -> SpoolEntry:
+        """Make the file and its name durable in ``ready/``; then the sender may be answered.
+
+        Raises
+        ------
+        OSError
+            If the disk fails (the temporary file is removed).
+        """
+        if self._fd is None:
+            raise ValueError("spool writer is closed")
+        try:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+            os.rename(self._tmp, self.entry.path)
+        except BaseException:
+            self.discard()
+            raise
+        _fsync_dir(self._spool.ready_dir)
+        return self.entry
+
+    def discard(self) -> None:
+        """Drop what was written (idempotent; a committed entry stays)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+            self._tmp.unlink(missing_ok=True)
+
+    def read_back(self, offset: int) -> bytes:
+        """What was written from ``offset`` on (from the page cache; for rare re-checks)."""
+        if self._fd is None:
+            raise ValueError("spool writer is closed")
+        return os.pread(self._fd, self.size - offset, offset)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.discard()
 
 
 class Spool:
@@ -247,6 +354,68 @@ class Spool:
         left = free - incoming
         return left >= self.min_free_bytes and (total == 0 or left >= self.min_free_fraction * total)
 
+    def open_entry(
+        self,
+        *,
+        sop_uid: str,
+        association_id: str,
+        calling_ae: str,
+        received_ns: int | None = None,
+        incoming: int = 0,
+    ) -> SpoolWriter:
+        """Start writing one received instance into ``tmp/``; :meth:`SpoolWriter.commit` makes it durable.
+
+        Lets the receiver write a data set while it is still arriving (each fragment goes to the
+        page cache at once and its write-back starts early), so that answering Success waits
+        only for what is left to flush.
+
+        Parameters
+        ----------
+        sop_uid : str
+            Affected SOP Instance UID of the request; must be a valid UID.
+        association_id : str
+            32 hex digits (:func:`new_association_id`).
+        calling_ae : str
+            Calling AE title (at most 16 ASCII characters; longer is cut).
+        received_ns : int, optional
+            Receive time in ns since the epoch; now when omitted.
+        incoming : int
+            Bytes expected, when known, for the watermark check.
+
+        Returns
+        -------
+        SpoolWriter
+
+        Raises
+        ------
+        SpoolFullError
+            If the disk watermark would be crossed; nothing was written.
+        ValueError
+            If ``sop_uid`` or ``association_id`` is malformed.
+        OSError
+            If the temporary file cannot be created.
+        """
+        if not is_valid_uid(sop_uid):
+            raise ValueError(f"invalid SOP Instance UID {sop_uid!r}")
+        if len(association_id) != 32 or not all(c in "0123456789abcdef" for c in association_id):
+            raise ValueError(f"invalid association id {association_id!r}")
+        if not self.has_room(incoming):
+            free, _ = self.free_bytes()
+            raise SpoolFullError(f"spool {self.root} below its watermark ({free} bytes free)")
+        ns = time.time_ns() if received_ns is None else received_ns
+        with self._seq_lock:
+            seq = next(self._seq)
+        ae_hex = calling_ae.strip().encode("ascii", "replace")[:16].hex()[:_AE_MAX_HEX]
+        name = f"{ns:019d}-{self._pid:07d}-{seq:010d}_{association_id}_{ae_hex}_{sop_uid}{_SUFFIX}"
+        entry = SpoolEntry(
+            path=self.ready_dir / name,
+            received_at=dt.datetime.fromtimestamp(ns / 1e9, tz=dt.UTC),
+            association_id=association_id,
+            calling_ae=calling_ae.strip(),
+            sop_uid=sop_uid,
+        )
+        return SpoolWriter(self, entry, self.tmp_dir / f"{name}{_PART}")
+
     def write(
         self,
         data: bytes | Sequence[bytes | memoryview],
@@ -256,21 +425,15 @@ class Spool:
         calling_ae: str,
         received_ns: int | None = None,
     ) -> SpoolEntry:
-        """Durably store one received instance in ``ready/``.
+        """Durably store one received instance in ``ready/`` (:meth:`open_entry` in one go).
 
         Parameters
         ----------
         data : bytes or sequence of bytes
             The raw PS3.10 file bytes (preamble, file meta, dataset as received), or its
-            pieces (written with one ``writev``, so the dataset is never copied to join them).
-        sop_uid : str
-            Affected SOP Instance UID of the request; must be a valid UID.
-        association_id : str
-            32 hex digits (:func:`new_association_id`).
-        calling_ae : str
-            Calling AE title (at most 16 ASCII characters; longer is cut).
-        received_ns : int, optional
-            Receive time in ns since the epoch; now when omitted.
+            pieces (written one after the other, so the dataset is never copied to join them).
+        sop_uid, association_id, calling_ae, received_ns
+            As for :meth:`open_entry`.
 
         Returns
         -------
@@ -286,47 +449,15 @@ class Spool:
         OSError
             If the disk write fails (the temporary file is removed).
         """
-        if not is_valid_uid(sop_uid):
-            raise ValueError(f"invalid SOP Instance UID {sop_uid!r}")
-        if len(association_id) != 32 or not all(c in "0123456789abcdef" for c in association_id):
-            raise ValueError(f"invalid association id {association_id!r}")
-        parts = [memoryview(data)] if isinstance(data, (bytes, bytearray, memoryview)) else [memoryview(p) for p in data]
-        size = sum(p.nbytes for p in parts)
-        if not self.has_room(size):
-            free, _ = self.free_bytes()
-            raise SpoolFullError(f"spool {self.root} below its watermark ({free} bytes free)")
-        ns = time.time_ns() if received_ns is None else received_ns
-        with self._seq_lock:
-            seq = next(self._seq)
-        ae_hex = calling_ae.strip().encode("ascii", "replace")[:16].hex()[:_AE_MAX_HEX]
-        name = f"{ns:019d}-{self._pid:07d}-{seq:010d}_{association_id}_{ae_hex}_{sop_uid}{_SUFFIX}"
-        tmp = self.tmp_dir / f"{name}{_PART}"
-        final = self.ready_dir / name
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            try:
-                while parts:
-                    written = os.writev(fd, parts)
-                    while parts and written >= parts[0].nbytes:
-                        written -= parts[0].nbytes
-                        parts.pop(0)
-                    if parts and written:
-                        parts[0] = parts[0][written:]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(self.ready_dir)
-        return SpoolEntry(
-            path=final,
-            received_at=dt.datetime.fromtimestamp(ns / 1e9, tz=dt.UTC),
-            association_id=association_id,
-            calling_ae=calling_ae.strip(),
-            sop_uid=sop_uid,
+        parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
+        size = sum(memoryview(p).nbytes for p in parts)
+        writer = self.open_entry(
+            sop_uid=sop_uid, association_id=association_id, calling_ae=calling_ae, received_ns=received_ns, incoming=size
         )
+        with writer:
+            for part in parts:
+                writer.write(part)
+            return writer.commit()
 
     # -- ingest side ------------------------------------------------------------------------
 

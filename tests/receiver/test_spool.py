@@ -104,3 +104,20 @@ def test_unparseable_spool_file_is_rejected_not_lost(env: Env) -> None:
     assert len([n for n in names if n.endswith(".dcm")]) == 2
     assert len([n for n in names if n.endswith(".reason")]) == 2
     assert env.spool.count() == 0
+
+
+def test_writer_commits_durably_and_discards_what_was_never_acknowledged(env: Env) -> None:
+    assoc = new_association_id()
+    with env.spool.open_entry(sop_uid="1.2.3", association_id=assoc, calling_ae="A") as writer:
+        for piece in (b"head", memoryview(b"x" * 200_000), bytearray(b"tail")):  # crosses WRITEBACK_CHUNK
+            writer.write(piece)
+        assert writer.read_back(4) == b"x" * 200_000 + b"tail"
+        entry = writer.commit()
+    assert entry.path.read_bytes() == b"head" + b"x" * 200_000 + b"tail"
+    assert [e.sop_uid for e in env.spool.pending()] == ["1.2.3"]
+    with env.spool.open_entry(sop_uid="1.2.4", association_id=assoc, calling_ae="A") as writer:
+        writer.write(b"half of a data set")
+    assert list(env.spool.tmp_dir.iterdir()) == []  # left without commit: dropped
+    assert [e.sop_uid for e in env.spool.pending()] == ["1.2.3"]
+    with pytest.raises(ValueError):
+        writer.write(b"more")
