@@ -1,7 +1,7 @@
 """Byte-level reader of the header elements ingest records, giving exactly pydicom's values.
 
-:func:`receiver.ingest.read_instance` needs 19 elements at or below (0020,0013) Instance
-Number from every spooled PS3.10 file. Parsing them with pydicom (``read_partial`` with
+:func:`receiver.ingest.read_instance` needs 20 elements at or below (0020,1209) Number of
+Series Related Instances from every spooled PS3.10 file. Parsing them with pydicom (``read_partial`` with
 ``specific_tags``, then ``ds.get(tag).value``) was ~75 % of ingest's CPU on small images
 (profiled: element generator, RawDataElement → DataElement conversion, value validation,
 ``Dataset.__getitem__``), and ingest shares the machine with the C-STORE receiver.
@@ -18,7 +18,7 @@ What it reads:
   Transfer Syntax UID;
 * the dataset in implicit VR little endian (PS3.5 §A.1) or explicit VR little endian
   (§A.2, also every encapsulated transfer syntax, §A.4), top-level elements up to and
-  including (0020,0013): the first tag above it ends the walk, as pydicom's ``stop_when``;
+  including (0020,1209): the first tag above it ends the walk, as pydicom's ``stop_when``;
 * sequences of undefined length on the way (PS3.5 §7.5.1–§7.5.2) are skipped item by item
   with pydicom's reading rules (an implicit-VR item inside an explicit-VR dataset, UN of
   undefined length read as SQ per PS3.5 §6.2.2, the data dictionary deciding in implicit
@@ -30,7 +30,7 @@ What it reads:
 
 ``None`` (pydicom decides) for: explicit VR big endian, deflate, a missing transfer syntax,
 a command group, any element header or value running past the end of the bytes, a VR pydicom
-does not know, a VR other than the data dictionary's (or UN) on one of the 19 elements, a
+does not know, a VR other than the data dictionary's (or UN) on one of the 20 elements, a
 first element whose VR bytes would make pydicom switch between implicit and explicit VR,
 undefined lengths on anything but a sequence, a backslash in a value (multi-valued:
 pydicom's ``MultiValue.__str__`` applies), an IS that is not a plain integer, and pydicom
@@ -60,8 +60,9 @@ from pydicom.values import convert_PN, convert_string
 
 __all__ = ["LAST_TAG", "HeaderValues", "read_header"]
 
-LAST_TAG = 0x00200013
-"""(0020,0013) Instance Number: the last element read; every element ingest needs is at or below it."""
+LAST_TAG = 0x00201209
+"""(0020,1209) Number of Series Related Instances: the last element read; every element ingest
+needs is at or below it (group 0020 ends the walk before the image pixel module)."""
 
 _CHARSET = 0x00080005
 _MEDIA_SOP_CLASS = 0x00020002
@@ -107,6 +108,7 @@ _FIELD_OF_KEYWORD = {
     "SeriesInstanceUID": "series_uid",
     "SeriesNumber": "series_number",
     "InstanceNumber": "instance_number",
+    "NumberOfSeriesRelatedInstances": "series_related_instances",
 }
 
 
@@ -151,6 +153,7 @@ class HeaderValues(NamedTuple):
     series_uid: str
     series_number: int | None
     instance_number: int | None
+    series_related_instances: int | None
 
 
 def read_header(raw: bytes) -> HeaderValues | None:

@@ -7,9 +7,11 @@ in-process for tests (:meth:`Ingester.run_once`).
 For every spool file, oldest first (:meth:`receiver.spool.Spool.pending`):
 
 1. parse the header from the bytes: :func:`receiver.header.read_header` walks the elements up
-   to (0020,0013) with :mod:`struct` and gives pydicom's values; for what it does not handle
+   to (0020,1209) with :mod:`struct` and gives pydicom's values; for what it does not handle
    (big endian, deflate, multi-valued text, ...) ``read_partial`` with ``specific_tags`` and a
-   stop after (0020,0013). Pixel data and later groups are never parsed;
+   stop after (0020,1209). Pixel data and later groups are never parsed. (0020,1209) Number of
+   Series Related Instances, when a sender writes it, is the series' expected instance count
+   (:func:`expected_count`), which lets completeness close it before the quiet period;
 2. put the bytes under the immutable key ``instances/{study}/{series}/{sop}.dcm`` with
    ``put_if_absent``, taking the SHA-256 from the store's single streaming pass (with the local
    object store the spool file itself is hard-linked under the key instead: it is already
@@ -72,6 +74,7 @@ __all__ = [
     "IngestPool",
     "start_ingest_processes",
     "read_instance",
+    "expected_count",
     "store_instance_object",
 ]
 
@@ -113,10 +116,11 @@ _HEADER_TAGS = [
     "SeriesInstanceUID",
     "SeriesNumber",
     "InstanceNumber",
+    "NumberOfSeriesRelatedInstances",
 ]
 _TAG_OF: dict[str, int] = {k: int(tag_for_keyword(k)) for k in _HEADER_TAGS}  # type: ignore[arg-type]
 _HEADER_TAG_NUMBERS: list[Any] = list(_TAG_OF.values())
-_LAST_HEADER_TAG = 0x00200013
+_LAST_HEADER_TAG = 0x00201209
 
 
 class StorageFactory(Protocol):
@@ -203,10 +207,24 @@ def _int(ds: Any, keyword: str) -> int | None:
         return None
 
 
+def expected_count(series_related_instances: int | None) -> int | None:
+    """The series' expected instance count from one instance's header, or ``None``: unknown.
+
+    Only (0020,1209) Number of Series Related Instances says how many instances the series
+    has (PS3.3 C.6.1.1.4; PACS and gateways write it when they forward a whole series). The
+    per-acquisition counts some peers use (Orthanc's ``CompletedSeries``: (0020,1002) Images in
+    Acquisition, (0054,0081) Number of Slices, ...) are not taken: an axial CT has one
+    acquisition per rotation, so a count of 4 in a 200-slice series would close it early,
+    and a modality that sends one association per image would then open a revision per image.
+    A wrong or absent count costs only the quiet period.
+    """
+    return series_related_instances if series_related_instances and series_related_instances > 0 else None
+
+
 def _stop_after_header(tag: int, vr: str | None, length: int) -> bool:
-    # Every tag ingest reads is at or below (0020,0013) Instance Number; elements are in
-    # ascending tag order (PS3.5 §7.1), so the rest (image pixel module, private groups,
-    # pixel data) is never parsed.
+    # Every tag ingest reads is at or below (0020,1209) Number of Series Related Instances;
+    # elements are in ascending tag order (PS3.5 §7.1), so the rest (image pixel module,
+    # private groups, pixel data) is never parsed.
     return tag > _LAST_HEADER_TAG
 
 
@@ -275,6 +293,7 @@ def _instance(header: HeaderValues, raw: bytes, entry: SpoolEntry, *, hash_bytes
             series_number=header.series_number,
             series_description=header.series_description,
             body_part=header.body_part,
+            expected_instance_count=expected_count(header.series_related_instances),
         ),
         sha,
     )
@@ -313,6 +332,7 @@ def _read_instance_pydicom(raw: bytes, entry: SpoolEntry, *, hash_bytes: bool = 
             series_number=_int(ds, "SeriesNumber"),
             series_description=_text(ds, "SeriesDescription"),
             body_part=_text(ds, "BodyPartExamined"),
+            expected_instance_count=expected_count(_int(ds, "NumberOfSeriesRelatedInstances")),
         ),
         sha,
     )

@@ -462,6 +462,20 @@ def test_values_are_pydicoms_on_the_fast_path() -> None:
     )
 
 
+@pytest.mark.parametrize("transfer_syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_series_size_is_the_expected_count_and_images_in_acquisition_is_not(transfer_syntax: str) -> None:
+    stated = _written(_dataset(NumberOfSeriesRelatedInstances=120, ImagesInAcquisition=4), transfer_syntax)
+    assert _assert_same(stated)
+    assert read_instance(stated, ENTRY)[0].expected_instance_count == 120
+    per_acquisition = _written(_dataset(ImagesInAcquisition=4), transfer_syntax)  # an axial CT rotation
+    assert _assert_same(per_acquisition)
+    assert read_instance(per_acquisition, ENTRY)[0].expected_instance_count is None
+    for blank in ["", "0"]:
+        raw = _written(_dataset(NumberOfSeriesRelatedInstances=blank), transfer_syntax)
+        assert _assert_same(raw)
+        assert read_instance(raw, ENTRY)[0].expected_instance_count is None
+
+
 def test_no_preamble_and_no_meta_are_left_to_pydicom() -> None:
     body = _elements()
     for raw in [body, b"\0" * 128 + b"DICM", b"\0" * 128 + b"DICM" + body, b"", b"\0" * 131]:

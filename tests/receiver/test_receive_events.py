@@ -55,3 +55,46 @@ def test_received_series_becomes_stable_and_its_event_reaches_prefect(env: Env, 
         assert f"events: {prefect_server.api_url}" in receiver.output()
     finally:
         assert receiver.terminate() == 0, receiver.output()
+
+
+def test_a_series_that_states_its_size_is_stable_when_complete_not_after_the_quiet_period(
+    env: Env, prefect_server: Any
+) -> None:
+    """(0020,1209) Number of Series Related Instances is the expected count: with a quiet period
+    of an hour the series is still stable as soon as all its instances are in and the
+    association that sent them is closed."""
+    datasets = make_small_series(4, seed=98)
+    for ds in datasets:
+        ds.NumberOfSeriesRelatedInstances = 4
+    series_uid = datasets[0].SeriesInstanceUID
+    receiver = ReceiverProcess(
+        env.root, free_port(), workers=1, extra_env={**prefect_server.env(), "DCMFLOW_STABLE_AGE": "3600"}
+    )
+    try:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(MRImageStorage)
+        assoc = ae.associate("127.0.0.1", receiver.port, ae_title=AE_TITLE)
+        assert assoc.is_established
+        for ds in datasets[:3]:
+            assert assoc.send_c_store(ds).Status == status.SUCCESS
+        time.sleep(3)  # recorded by now, but one short of the count: not stable
+        series = env.repo.get_series(series_uid)
+        assert series is not None and series.instance_count == 3 and series.state != "stable", receiver.output()
+        assert series.expected_instance_count == 4
+        assert assoc.send_c_store(datasets[3]).Status == status.SUCCESS
+        time.sleep(3)  # the count is reached, but the association is still open: not stable
+        series = env.repo.get_series(series_uid)
+        assert series is not None and series.instance_count == 4 and series.state != "stable", receiver.output()
+        assoc.release()
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (series is None or series.state != "stable"):
+            time.sleep(0.2)
+            series = env.repo.get_series(series_uid)
+        assert series is not None and series.state == "stable", receiver.output()
+        events = read_events(str(prefect_server.api_url), [series_resource_id(series_uid)], expect=1, timeout=60)
+        (stable,) = [e for e in events if e["event"] == SERIES_STABLE]
+        assert stable["payload"]["reason"] == "expected_count"
+        assert stable["payload"]["expected_instance_count"] == 4
+    finally:
+        assert receiver.terminate() == 0, receiver.output()
