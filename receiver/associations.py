@@ -2,7 +2,8 @@
 
 * :class:`CallerPolicy` decides at A-ASSOCIATE-RQ time (PS3.8 §7.1) whether a caller may send:
   loopback (or any configured trusted network), configured peers (``Peer`` records with
-  ``allow_send``, matched on AE title and host), or anyone when ``accept_any`` is set.
+  ``allow_send``, matched on AE title and host; over TLS only when the peer has ``tls``), or
+  anyone when ``accept_any`` is set.
 * :class:`AssociationTracker` gives each association an id (the spool's file-name field), keeps
   its counters for the one log line per association, and hands open/close facts to an
   :class:`AssociationFacts` sink. The sink writes in a background thread, so a slow or
@@ -64,10 +65,15 @@ def parse_networks(values: Iterable[str]) -> tuple[_Network, ...]:
 
 @dataclass(frozen=True)
 class PeerEntry:
-    """A remote AE that may send to us: AE title and host (name or address; ``*`` = any host)."""
+    """A remote AE that may send to us: AE title and host (name or address; ``*`` = any host).
+
+    ``tls``: its associations are accepted only over TLS (``Peer.tls``), so a plain-TCP caller
+    using its AE title and address is refused rather than trusted.
+    """
 
     ae_title: str
     host: str
+    tls: bool = False
 
 
 def _address_in(address: str, networks: Sequence[_Network]) -> bool:
@@ -149,7 +155,7 @@ class CallerPolicy:
             return True
         return address in self._host_addresses(host)
 
-    def allows(self, calling_ae: str, address: str) -> tuple[bool, str]:
+    def allows(self, calling_ae: str, address: str, *, secure: bool = False) -> tuple[bool, str]:
         """Return ``(allowed, reason)`` for a caller.
 
         Parameters
@@ -158,14 +164,21 @@ class CallerPolicy:
             Calling AE title from the A-ASSOCIATE-RQ (stripped).
         address : str
             The caller's IP address.
+        secure : bool
+            Whether the association arrived over TLS; a peer with ``tls`` matches only then.
         """
         if self.accept_any:
             return True, "any caller accepted"
         if _address_in(address, self.trusted_networks):
             return True, "trusted network"
+        needs_tls = False
         for peer in self._current_peers():
             if self._peer_matches(peer, calling_ae, address):
-                return True, "configured peer"
+                if secure or not peer.tls:
+                    return True, "configured peer"
+                needs_tls = True
+        if needs_tls:
+            return False, "configured peer that must use TLS, over plain TCP"
         return False, "not a configured peer and not on a trusted network"
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import logging
+import ssl
 import zlib
 from typing import TYPE_CHECKING, Any, cast
 
@@ -326,7 +327,8 @@ def handle_requested(event: Event, policy: CallerPolicy, tracker: AssociationTra
         primitive = assoc.requestor.primitive
         calling = str(primitive.calling_ae_title if primitive is not None else "").strip()
         address = str(assoc.requestor.address)
-        allowed, reason = policy.allows(calling, address)
+        secure = isinstance(getattr(assoc.dul.socket, "socket", None), ssl.SSLSocket)
+        allowed, reason = policy.allows(calling, address, secure=secure)
         if not allowed:
             log.warning("association from %s@%s rejected: %s", calling, address, reason)
             # PS3.8 Table 9-21: 0x01 rejected-permanent, 0x01 service-user, 0x03 calling AE not recognized

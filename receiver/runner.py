@@ -95,7 +95,7 @@ class ReceiverConfig:
 
 def _peers_of(repository: Repository) -> Callable[[], list[PeerEntry]]:
     def load() -> list[PeerEntry]:
-        return [PeerEntry(p.ae_title, p.host) for p in repository.list_peers() if p.allow_send]
+        return [PeerEntry(p.ae_title, p.host, p.tls) for p in repository.list_peers() if p.allow_send]
 
     return load
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
+import ssl
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from pynetdicom import AE
@@ -11,6 +14,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from receiver import status
 from receiver.associations import AssociationTracker, CallerPolicy, PeerEntry
+from receiver.runner import _peers_of
 from receiver.scp import ScpConfig, start_scp
 from storage.models import PeerBase
 from tests.receiver.conftest import AE_TITLE, DCMTK_ECHOSCU, Env, free_port
@@ -41,10 +45,7 @@ def peers_port(env: Env) -> Iterator[int]:
     env.repo.upsert_peer(PeerBase(name="pacs", ae_title="NOSEND", host="127.0.0.1", port=104, allow_send=False))
     env.repo.upsert_peer(PeerBase(name="far", ae_title="FARPEER", host="192.0.2.7", port=104, allow_send=True))
 
-    def peers() -> list[PeerEntry]:
-        return [PeerEntry(p.ae_title, p.host) for p in env.repo.list_peers() if p.allow_send]
-
-    yield from _serve(env, CallerPolicy(trusted_networks=_ELSEWHERE, peers=peers))
+    yield from _serve(env, CallerPolicy(trusted_networks=_ELSEWHERE, peers=_peers_of(env.repo)))
 
 
 def _rejection(assoc) -> tuple[int, int, int]:  # type: ignore[no-untyped-def]
@@ -110,11 +111,9 @@ def test_policy_survives_a_failing_peer_source() -> None:
     assert CallerPolicy().allows("X", "::ffff:127.0.0.1")[0]  # IPv4-mapped loopback
 
 
-def test_tls_association(env: Env, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """Optional TLS (PS3.15 B.1): a self-signed certificate, a pynetdicom SCU verifying it."""
-    import shutil
-    import ssl
-
+@pytest.fixture
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key (PEM files)."""
     openssl = shutil.which("openssl")
     if openssl is None:
         pytest.skip("openssl not installed")
@@ -124,14 +123,24 @@ def test_tls_association(env: Env, tmp_path) -> None:  # type: ignore[no-untyped
          "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
         check=True, capture_output=True, timeout=60,
     )
+    return cert, key
+
+
+def _tls_echo(port: int, calling: str, cert: Path):  # type: ignore[no-untyped-def]
+    client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(Verification)
+    return ae.associate("127.0.0.1", port, ae_title=AE_TITLE, tls_args=(client, "127.0.0.1"))
+
+
+def test_tls_association(env: Env, certificate: tuple[Path, Path]) -> None:
+    """Optional TLS (PS3.15 B.1): a self-signed certificate, a pynetdicom SCU verifying it."""
+    cert, key = certificate
     port = free_port()
     config = ScpConfig(ae_title=AE_TITLE, host="127.0.0.1", port=port, tls_cert=cert, tls_key=key)
     server = start_scp(config, env.spool, AssociationTracker(), CallerPolicy())
     try:
-        client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
-        ae = AE(ae_title="TLSSCU")
-        ae.add_requested_context(Verification)
-        assoc = ae.associate("127.0.0.1", port, ae_title=AE_TITLE, tls_args=(client, "127.0.0.1"))
+        assoc = _tls_echo(port, "TLSSCU", cert)
         assert assoc.is_established
         assert assoc.send_c_echo().Status == status.SUCCESS
         assoc.release()
@@ -139,3 +148,30 @@ def test_tls_association(env: Env, tmp_path) -> None:  # type: ignore[no-untyped
         assert not plain.is_established
     finally:
         server.shutdown()
+
+
+def test_a_peer_marked_tls_is_accepted_over_tls_only(env: Env, certificate: tuple[Path, Path]) -> None:
+    """Peer.tls: its AE title and address over plain TCP are refused (it may be an impostor);
+    the same caller over TLS, and peers without the mark over plain TCP, are accepted."""
+    cert, key = certificate
+    env.repo.upsert_peer(PeerBase(name="secure", ae_title="SECUREPEER", host="127.0.0.1", port=104, tls=True))
+    env.repo.upsert_peer(PeerBase(name="plain", ae_title="PLAINPEER", host="127.0.0.1", port=104))
+    policy = CallerPolicy(trusted_networks=_ELSEWHERE, peers=_peers_of(env.repo))
+    plain_port, tls_port = free_port(), free_port()
+    tls_config = ScpConfig(ae_title=AE_TITLE, host="127.0.0.1", port=tls_port, tls_cert=cert, tls_key=key)
+    plain_server = start_scp(
+        ScpConfig(ae_title=AE_TITLE, host="127.0.0.1", port=plain_port), env.spool, AssociationTracker(), policy
+    )
+    tls_server = start_scp(tls_config, env.spool, AssociationTracker(), policy)
+    try:
+        refused = _echo(plain_port, "SECUREPEER")
+        assert refused.is_rejected
+        assert _rejection(refused) == (0x01, 0x01, 0x03)
+        assert policy.allows("SECUREPEER", "127.0.0.1") == (False, "configured peer that must use TLS, over plain TCP")
+        for assoc in [_tls_echo(tls_port, "SECUREPEER", cert), _echo(plain_port, "PLAINPEER")]:
+            assert assoc.is_established
+            assert assoc.send_c_echo().Status == status.SUCCESS
+            assoc.release()
+    finally:
+        plain_server.shutdown()
+        tls_server.shutdown()
