@@ -87,6 +87,7 @@ _SEQUENCE_VRS = frozenset({b"SQ", b"UN"})  # undefined length UN is a sequence (
 _EXPLICIT = struct.Struct("<HH2sH")
 _IMPLICIT = struct.Struct("<HHI")
 _U32 = struct.Struct("<I")
+_U16 = struct.Struct("<H")
 
 # Keyword → HeaderValues field (the elements of receiver.ingest._HEADER_TAGS but (0008,0005)).
 _FIELD_OF_KEYWORD = {
@@ -232,18 +233,13 @@ def _file_meta(raw: bytes) -> tuple[str, str, int] | None:
     while True:
         if pos + 8 > n:
             return None
-        group, elem, vr, length = _EXPLICIT.unpack_from(raw, pos)
+        group, elem, vr, _ = _EXPLICIT.unpack_from(raw, pos)
         if group != 0x0002:
             break
-        if vr in _LONG_VRS:
-            if pos + 12 > n:
-                return None
-            (length,) = _U32.unpack_from(raw, pos + 8)
-            start = pos + 12
-        elif vr in _KNOWN_VRS:
-            start = pos + 8
-        else:
+        value = _explicit_value(raw, pos)
+        if value is None:
             return None  # pydicom's VR heuristics (implicit VR, 2-byte length) would apply
+        start, length = value
         end = start + length
         if length == _UNDEFINED or end > n:
             return None
@@ -262,6 +258,20 @@ def _file_meta(raw: bytes) -> tuple[str, str, int] | None:
     if transfer_syntax is None:
         return None  # pydicom guesses the encoding
     return transfer_syntax, media_sop_class, pos
+
+
+def _explicit_value(raw: bytes, pos: int) -> tuple[int, int] | None:
+    """(value offset, length) of the explicit VR element at ``pos`` (PS3.5 §7.1.2), or None for
+    a VR pydicom does not know or a header past the end. :func:`_walk_explicit`, the hot loop,
+    inlines the same rules."""
+    vr = raw[pos + 4 : pos + 6]
+    if vr in _LONG_VRS:
+        if pos + 12 > len(raw):
+            return None
+        return pos + 12, _U32.unpack_from(raw, pos + 8)[0]
+    if vr in _KNOWN_VRS:
+        return pos + 8, _U16.unpack_from(raw, pos + 6)[0]
+    return None
 
 
 def _walk_explicit(raw: bytes, pos: int) -> dict[int, bytes] | None:
@@ -387,15 +397,10 @@ def _skip_item(raw: bytes, pos: int, end: int | None, implicit: bool, depth: int
                 return None
             return pos + 8
         if not implicit:
-            if vr in _LONG_VRS:
-                if pos + 12 > n:
-                    return None
-                (length,) = _U32.unpack_from(raw, pos + 8)
-                start = pos + 12
-            elif vr in _KNOWN_VRS:
-                start = pos + 8
-            else:
+            value = _explicit_value(raw, pos)
+            if value is None:
                 return None
+            start, length = value
         if length == _UNDEFINED:
             if (implicit and not _implicit_sequence(raw, start, tag)) or (not implicit and vr not in _SEQUENCE_VRS):
                 return None
