@@ -17,6 +17,15 @@ from tests.receiver.test_events import read_events
 from tests.receiver.test_resilience import ReceiverProcess
 
 
+def _associate(port: int):  # type: ignore[no-untyped-def]
+    """An established MR storage association from AE MODALITY."""
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(MRImageStorage)
+    assoc = ae.associate("127.0.0.1", port, ae_title=AE_TITLE)
+    assert assoc.is_established
+    return assoc
+
+
 def test_received_series_becomes_stable_and_its_event_reaches_prefect(env: Env, prefect_server: Any) -> None:
     datasets = make_small_series(6, seed=97)
     series_uid, study_uid = datasets[0].SeriesInstanceUID, datasets[0].StudyInstanceUID
@@ -24,10 +33,7 @@ def test_received_series_becomes_stable_and_its_event_reaches_prefect(env: Env, 
         env.root, free_port(), workers=1, extra_env={**prefect_server.env(), "DCMFLOW_STABLE_AGE": "1"}
     )
     try:
-        ae = AE(ae_title="MODALITY")
-        ae.add_requested_context(MRImageStorage)
-        assoc = ae.associate("127.0.0.1", receiver.port, ae_title=AE_TITLE)
-        assert assoc.is_established
+        assoc = _associate(receiver.port)
         for ds in datasets:
             assert assoc.send_c_store(ds).Status == status.SUCCESS
         assoc.release()
@@ -71,10 +77,7 @@ def test_a_series_that_states_its_size_is_stable_when_complete_not_after_the_qui
         env.root, free_port(), workers=1, extra_env={**prefect_server.env(), "DCMFLOW_STABLE_AGE": "3600"}
     )
     try:
-        ae = AE(ae_title="MODALITY")
-        ae.add_requested_context(MRImageStorage)
-        assoc = ae.associate("127.0.0.1", receiver.port, ae_title=AE_TITLE)
-        assert assoc.is_established
+        assoc = _associate(receiver.port)
         for ds in datasets[:3]:
             assert assoc.send_c_store(ds).Status == status.SUCCESS
         time.sleep(3)  # recorded by now, but one short of the count: not stable
