@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
@@ -121,3 +123,34 @@ def test_writer_commits_durably_and_discards_what_was_never_acknowledged(env: En
     assert [e.sop_uid for e in env.spool.pending()] == ["1.2.3"]
     with pytest.raises(ValueError):
         writer.write(b"more")
+
+
+def test_a_receiving_spool_writes_into_blank_files_made_ahead_and_leaves_none_behind(env: Env) -> None:
+    """After lock + recover, instances go into files a background thread created beforehand
+    (creating a file waits for the journal); discarded and unused ones are deleted, and a
+    crash's leftovers are swept by the next recover."""
+    env.spool.lock()
+    env.spool.recover()
+    deadline = time.monotonic() + 10
+    while len(list(env.spool.tmp_dir.iterdir())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    made_ahead = {p.stat().st_ino for p in env.spool.tmp_dir.iterdir()}
+    assert len(made_ahead) >= 2
+    assoc = new_association_id()
+    entries = [
+        env.spool.write(f"data set {i}".encode(), sop_uid=f"1.2.{i}", association_id=assoc, calling_ae="A")
+        for i in range(20)
+    ]
+    assert [e.path.read_bytes() for e in entries] == [f"data set {i}".encode() for i in range(20)]
+    assert {e.path.stat().st_ino for e in entries} & made_ahead  # a blank file became an instance
+    with env.spool.open_entry(sop_uid="1.2.99", association_id=assoc, calling_ae="A") as writer:
+        writer.write(b"never acknowledged")
+    assert not any(p.read_bytes() for p in env.spool.tmp_dir.iterdir())  # only blank files
+    env.spool.unlock()
+    assert list(env.spool.tmp_dir.iterdir()) == []
+    assert [e.sop_uid for e in env.spool.pending()] == [f"1.2.{i}" for i in range(20)]
+
+    (env.spool.tmp_dir / "blank-1-dead.part").write_bytes(b"")  # left by a killed receiver
+    env.spool.lock()
+    assert env.spool.recover() == (1, 20)
+    env.spool.unlock()
