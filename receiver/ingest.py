@@ -568,15 +568,12 @@ class Ingester:
         started = time.monotonic()
         deadline: float | None = None
         while len(entries) < opts.batch_size:
-            fresh = [
-                e
-                for e in self.spool.pending(
-                    opts.batch_size + len(taken),
-                    worker_index=self.worker_index,
-                    worker_count=self.worker_count,
-                )
-                if e.name not in taken
-            ][: opts.batch_size - len(entries)]
+            fresh = self.spool.pending(
+                opts.batch_size - len(entries),
+                worker_index=self.worker_index,
+                worker_count=self.worker_count,
+                skip=taken,
+            )
             for entry in fresh:
                 taken.add(entry.name)
                 parsed = self._parse(entry)

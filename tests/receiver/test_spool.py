@@ -23,6 +23,8 @@ def test_entry_name_round_trips_and_sorts_in_arrival_order(env: Env) -> None:
     b = env.spool.write(b"y", sop_uid="1.2.4", association_id=assoc, calling_ae="")
     pending = env.spool.pending()
     assert [e.sop_uid for e in pending] == ["1.2.3", "1.2.4"]
+    assert env.spool.pending(skip={a.path.name}) == pending[1:]  # what ingest already holds
+    assert env.spool.pending(1, skip={a.path.name}) == pending[1:]
     assert pending[0] == SpoolEntry.parse(a.path)
     assert pending[0].calling_ae == "CT 1/\\x"
     assert pending[0].association_id == assoc
