@@ -33,6 +33,10 @@ _REQUIRE_PG = _ENV.get("DCMFLOW_TEST_REQUIRE_POSTGRES", "") == "1"
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+# Tests talk to the session's real server (prefect_server) or to none. Without this, Prefect's
+# exit-time flush of a flow test's leftover logs/events found no API URL, started a temporary
+# server to deliver them, and left its uvicorn process running after pytest had closed stderr.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_ENABLED", "false")
 
 
 @pytest.fixture(autouse=True)
