@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import stat
 import uuid
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
@@ -47,6 +48,38 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _make_folders(folder: Path) -> None:
+    """``mkdir -p`` whose new folders survive a power cut: each new one's parent is fsynced.
+
+    Fsyncing an object's folder makes its name durable, not the folder's own entry in its
+    parent; a new study or series folder would otherwise rest on the file system's goodwill.
+    Folders that exist cost one ``stat``.
+
+    Raises
+    ------
+    NotADirectoryError
+        If the folder or one of its parents is a file.
+    """
+    missing: list[Path] = []
+    while True:
+        try:
+            mode = os.stat(folder).st_mode  # one stat: another writer may create it meanwhile
+        except FileNotFoundError:
+            missing.append(folder)
+            folder = folder.parent
+            continue
+        if not stat.S_ISDIR(mode):
+            raise NotADirectoryError(errno.ENOTDIR, "a file where a folder belongs", str(folder))
+        break
+    for new in reversed(missing):
+        try:
+            new.mkdir()
+        except FileExistsError:
+            if not new.is_dir():
+                raise
+        _fsync_dir(new.parent)  # also when another writer made it: its sync may not be done
 
 
 class LocalObjectStore(ObjectStore):
@@ -84,7 +117,7 @@ class LocalObjectStore(ObjectStore):
         """Stream ``reader`` into a fsynced temporary file beside the target; return both paths."""
         final = self._path(key)
         try:
-            final.parent.mkdir(parents=True, exist_ok=True)
+            _make_folders(final.parent)
         except (FileExistsError, NotADirectoryError) as exc:
             raise StorageError(f"cannot store {key}: a parent of it is an object") from exc
         tmp = final.parent / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
@@ -185,7 +218,7 @@ class LocalObjectStore(ObjectStore):
         final = self._path(key)
         try:
             try:
-                final.parent.mkdir(parents=True, exist_ok=True)
+                _make_folders(final.parent)
             except (FileExistsError, NotADirectoryError) as exc:
                 raise StorageError(f"cannot store {key}: a parent of it is an object") from exc
             size = os.stat(path).st_size
