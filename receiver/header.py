@@ -236,10 +236,10 @@ def _file_meta(raw: bytes) -> tuple[str, str, int] | None:
         group, elem, vr, _ = _EXPLICIT.unpack_from(raw, pos)
         if group != 0x0002:
             break
-        value = _explicit_value(raw, pos)
-        if value is None:
+        place = _explicit_value(raw, pos)
+        if place is None:
             return None  # pydicom's VR heuristics (implicit VR, 2-byte length) would apply
-        start, length = value
+        start, length = place
         end = start + length
         if length == _UNDEFINED or end > n:
             return None
@@ -397,10 +397,10 @@ def _skip_item(raw: bytes, pos: int, end: int | None, implicit: bool, depth: int
                 return None
             return pos + 8
         if not implicit:
-            value = _explicit_value(raw, pos)
-            if value is None:
+            place = _explicit_value(raw, pos)
+            if place is None:
                 return None
-            start, length = value
+            start, length = place
         if length == _UNDEFINED:
             if (implicit and not _implicit_sequence(raw, start, tag)) or (not implicit and vr not in _SEQUENCE_VRS):
                 return None
