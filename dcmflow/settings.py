@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings"]
@@ -72,6 +72,21 @@ class Settings(BaseSettings):
     max_parallel_jobs: int = Field(
         DEFAULT_MAX_PARALLEL_JOBS, ge=1, description="Jobs of one processing run that may run at once."
     )
+    tls_cert: Path | None = Field(
+        None,
+        description="PEM certificate chain of this node: the receiver's TLS certificate (enables TLS) and the "
+        "client certificate presented to peers marked tls.",
+    )
+    tls_key: Path | None = Field(None, description="PEM private key of DCMFLOW_TLS_CERT.")
+    tls_ca: Path | None = Field(
+        None, description="PEM CA bundle that peers' TLS certificates are verified with (default: the system's)."
+    )
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("DCMFLOW_TLS_CERT and DCMFLOW_TLS_KEY go together: set both or neither")
+        return self
 
     @property
     def effective_database_url(self) -> str:

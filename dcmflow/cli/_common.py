@@ -23,7 +23,10 @@ def load_settings() -> Settings:
         return Settings()
     except ValidationError as exc:
         problems = "; ".join(
-            f"DCMFLOW_{str(err['loc'][0]).upper()}: {err['msg']}" for err in exc.errors() if err.get("loc")
+            f"DCMFLOW_{str(err['loc'][0]).upper()}: {err['msg']}"
+            if err.get("loc")
+            else str(err["msg"]).removeprefix("Value error, ")  # a rule across variables names them itself
+            for err in exc.errors()
         )
         fail(f"bad configuration: {problems}")
 

@@ -54,8 +54,10 @@ def receive(
     min_free_mb: int | None = typer.Option(
         None, "--min-free-mb", min=0, help="Answer 0xA700 when less than this many MB stay free in the spool."
     ),
-    tls_cert: Path | None = typer.Option(None, "--tls-cert", help="PEM certificate chain: enables TLS."),
-    tls_key: Path | None = typer.Option(None, "--tls-key", help="PEM private key for --tls-cert."),
+    tls_cert: Path | None = typer.Option(
+        None, "--tls-cert", help="PEM certificate chain: enables TLS (default DCMFLOW_TLS_CERT)."
+    ),
+    tls_key: Path | None = typer.Option(None, "--tls-key", help="PEM private key for --tls-cert (default DCMFLOW_TLS_KEY)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:
     """Receive DICOM (C-STORE, C-ECHO) until SIGINT/SIGTERM: one log line per association and batch."""
@@ -79,8 +81,8 @@ def receive(
             host=host,
             port=settings.dicom_port if port is None else port,
             require_called_aet=settings.require_called_aet and not no_called_aet_check,
-            tls_cert=tls_cert,
-            tls_key=tls_key,
+            tls_cert=tls_cert or settings.tls_cert,
+            tls_key=tls_key or settings.tls_key,
         ),
         spool_dir=settings.spool_dir,
         min_free_bytes=min_free_mb * 1024 * 1024 if min_free_mb is not None else settings.spool_min_free_bytes,

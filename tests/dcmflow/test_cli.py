@@ -63,12 +63,19 @@ def test_db_upgrade_on_unreachable_server_is_one_line(monkeypatch: pytest.Monkey
     assert len(result.output.strip().splitlines()) == 1
 
 
-def test_bad_setting_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("DCMFLOW_DICOM_PORT", "70000")
+@pytest.mark.parametrize(
+    ("var", "value", "says"),
+    [
+        ("DCMFLOW_DICOM_PORT", "70000", "DCMFLOW_DICOM_PORT: Input should be less than or equal to 65535"),
+        ("DCMFLOW_TLS_CERT", "/etc/cert.pem", "DCMFLOW_TLS_CERT and DCMFLOW_TLS_KEY go together"),  # a rule across two
+    ],
+)
+def test_bad_setting_is_one_line(monkeypatch: pytest.MonkeyPatch, var: str, value: str, says: str) -> None:
+    monkeypatch.setenv(var, value)
     result = runner.invoke(app, ["db", "upgrade"])
     assert result.exit_code == 1
-    assert "DCMFLOW_DICOM_PORT" in result.output
-    assert "Traceback" not in result.output
+    assert says in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
 
 
 def _selfcheck_rows(stdout: str) -> dict[str, dict[str, object]]:

@@ -60,3 +60,15 @@ def test_out_of_range_values_are_refused(monkeypatch: pytest.MonkeyPatch, var: s
 def test_ae_title_with_inner_space_is_fine(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DCMFLOW_AE_TITLE", "MY SCP")
     assert Settings().ae_title == "MY SCP"
+
+
+def test_tls_certificate_and_key_go_together(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("DCMFLOW_TLS_CERT", str(tmp_path / "cert.pem"))
+    with pytest.raises(ValueError, match="DCMFLOW_TLS_CERT and DCMFLOW_TLS_KEY go together"):
+        Settings()
+    monkeypatch.setenv("DCMFLOW_TLS_KEY", str(tmp_path / "key.pem"))
+    monkeypatch.setenv("DCMFLOW_TLS_CA", str(tmp_path / "ca.pem"))
+    settings = Settings()
+    assert (settings.tls_cert, settings.tls_key, settings.tls_ca) == (
+        tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
+    )
