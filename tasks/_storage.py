@@ -29,6 +29,9 @@ class RuntimeSettings(Protocol):
     s3_secure: bool
     s3_region: str | None
     ae_title: str
+    tls_cert: Path | None
+    tls_key: Path | None
+    tls_ca: Path | None
 
     @property
     def effective_database_url(self) -> str: ...

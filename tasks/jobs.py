@@ -58,7 +58,7 @@ from tasks.outputs import (
     store_log,
     store_outputs,
 )
-from tasks.send import dicom_files, send_files
+from tasks.send import client_tls_context, dicom_files, send_files
 from tasks.venvs import service_python
 
 __all__ = [
@@ -293,7 +293,8 @@ def send_outputs(settings: RuntimeSettings, run: SessionRun, job_name: str, requ
         files = dicom_files(path)
         for peer in peers:
             try:
-                report = send_files(peer, files, calling_ae=settings.ae_title)
+                tls = client_tls_context(settings.tls_cert, settings.tls_key, settings.tls_ca) if peer.tls else None
+                report = send_files(peer, files, calling_ae=settings.ae_title, tls=tls)
             except SendError as exc:
                 records.append({**base, "peer": peer.name, "status": "failed", "error": str(exc)})
                 problems.append(str(exc))

@@ -4,11 +4,14 @@ One association per attempt carries every file; presentation contexts are propos
 class with the file's own transfer syntax (plus Explicit/Implicit VR Little Endian, which
 every SCP accepts, PS3.5 §10.1). A file whose status is not Success (0x0000) or a Warning
 (0xB000, 0xB007, 0xB006, PS3.4 B.2.3) is retried on the next attempt; after the last attempt
-:class:`tasks.errors.SendError` names what is still unsent.
+:class:`tasks.errors.SendError` names what is still unsent. A peer marked ``tls`` is sent to
+only over TLS (PS3.15 B.1), its certificate verified (:func:`client_tls_context`); never in
+clear.
 """
 
 from __future__ import annotations
 
+import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,7 +27,7 @@ from tasks.errors import SendError
 if TYPE_CHECKING:
     from storage.models import PeerPublic
 
-__all__ = ["SendReport", "dicom_files", "send_files"]
+__all__ = ["SendReport", "client_tls_context", "dicom_files", "send_files"]
 
 _OK_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}
 
@@ -50,7 +53,37 @@ def dicom_files(path: Path) -> list[Path]:
     return found
 
 
-def _attempt(peer: PeerPublic, calling_ae: str, datasets: dict[str, pydicom.Dataset], timeout: float) -> tuple[list[str], str | None]:
+def client_tls_context(cert: Path | None = None, key: Path | None = None, ca: Path | None = None) -> ssl.SSLContext:
+    """TLS client context for peers marked ``tls``: their certificate and host name verified.
+
+    Parameters
+    ----------
+    cert, key : Path, optional
+        Our PEM certificate chain and key, shown to peers that ask for a client certificate.
+    ca : Path, optional
+        PEM bundle the peer's certificate must chain to; the system's CAs when omitted.
+
+    Raises
+    ------
+    SendError
+        If a file cannot be loaded (one line, naming it).
+    """
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca) if ca else None)
+        if cert is not None:
+            context.load_cert_chain(str(cert), str(key) if key else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise SendError(f"TLS settings unusable (DCMFLOW_TLS_CERT/KEY/CA): {exc}") from None
+    return context
+
+
+def _attempt(
+    peer: PeerPublic,
+    calling_ae: str,
+    datasets: dict[str, pydicom.Dataset],
+    timeout: float,
+    tls: ssl.SSLContext | None,
+) -> tuple[list[str], str | None]:
     from pynetdicom import AE
 
     ae = AE(ae_title=calling_ae)
@@ -61,9 +94,14 @@ def _attempt(peer: PeerPublic, calling_ae: str, datasets: dict[str, pydicom.Data
         syntaxes.add(str(ds.file_meta.TransferSyntaxUID))
     for sop_class, syntaxes in contexts.items():
         ae.add_requested_context(sop_class, sorted(syntaxes))
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    tls_args = None
+    if peer.tls:
+        assert tls is not None, "send_files supplies the context of a tls peer"  # never fall back to clear
+        tls_args = (tls, peer.host)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
     if not assoc.is_established:
-        return [], f"association with {peer.ae_title}@{peer.host}:{peer.port} not established"
+        over = " over TLS" if tls_args else ""
+        return [], f"association with {peer.ae_title}@{peer.host}:{peer.port}{over} not established"
     sent, error = [], None
     try:
         for sop_uid, ds in datasets.items():
@@ -86,14 +124,20 @@ def send_files(
     attempts: int = 3,
     delay: float = 1.0,
     timeout: float = 30.0,
+    tls: ssl.SSLContext | None = None,
 ) -> SendReport:
     """C-STORE ``files`` to ``peer``, retrying what failed.
+
+    ``tls`` is the client context for a peer marked ``tls`` (:func:`client_tls_context`); the
+    system's default verification when omitted. Peers without the mark get plain TCP.
 
     Raises
     ------
     SendError
         A file is not DICOM, or something is still unsent after ``attempts`` tries.
     """
+    if peer.tls and tls is None:
+        tls = client_tls_context()
     pending: dict[str, pydicom.Dataset] = {}
     for path in files:
         try:
@@ -105,7 +149,7 @@ def send_files(
     for attempt in range(1, attempts + 1):
         report.attempts = attempt
         try:
-            sent, error = _attempt(peer, calling_ae, pending, timeout)
+            sent, error = _attempt(peer, calling_ae, pending, timeout, tls)
         except Exception as exc:  # noqa: BLE001 - network errors of any kind: retry
             sent, error = [], f"{type(exc).__name__}: {exc}"
         for uid in sent:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import ssl
 import subprocess
 from collections.abc import Iterator
@@ -111,21 +110,6 @@ def test_policy_survives_a_failing_peer_source() -> None:
     assert CallerPolicy().allows("X", "::ffff:127.0.0.1")[0]  # IPv4-mapped loopback
 
 
-@pytest.fixture
-def certificate(tmp_path: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 and its key (PEM files)."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl not installed")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True, timeout=60,
-    )
-    return cert, key
-
-
 def _tls_echo(port: int, calling: str, cert: Path):  # type: ignore[no-untyped-def]
     client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
     ae = AE(ae_title=calling)
@@ -133,9 +117,9 @@ def _tls_echo(port: int, calling: str, cert: Path):  # type: ignore[no-untyped-d
     return ae.associate("127.0.0.1", port, ae_title=AE_TITLE, tls_args=(client, "127.0.0.1"))
 
 
-def test_tls_association(env: Env, certificate: tuple[Path, Path]) -> None:
+def test_tls_association(env: Env, tls_certificate: tuple[Path, Path]) -> None:
     """Optional TLS (PS3.15 B.1): a self-signed certificate, a pynetdicom SCU verifying it."""
-    cert, key = certificate
+    cert, key = tls_certificate
     port = free_port()
     config = ScpConfig(ae_title=AE_TITLE, host="127.0.0.1", port=port, tls_cert=cert, tls_key=key)
     server = start_scp(config, env.spool, AssociationTracker(), CallerPolicy())
@@ -150,10 +134,10 @@ def test_tls_association(env: Env, certificate: tuple[Path, Path]) -> None:
         server.shutdown()
 
 
-def test_a_peer_marked_tls_is_accepted_over_tls_only(env: Env, certificate: tuple[Path, Path]) -> None:
+def test_a_peer_marked_tls_is_accepted_over_tls_only(env: Env, tls_certificate: tuple[Path, Path]) -> None:
     """Peer.tls: its AE title and address over plain TCP are refused (it may be an impostor);
     the same caller over TLS, and peers without the mark over plain TCP, are accepted."""
-    cert, key = certificate
+    cert, key = tls_certificate
     env.repo.upsert_peer(PeerBase(name="secure", ae_title="SECUREPEER", host="127.0.0.1", port=104, tls=True))
     env.repo.upsert_peer(PeerBase(name="plain", ae_title="PLAINPEER", host="127.0.0.1", port=104))
     policy = CallerPolicy(trusted_networks=_ELSEWHERE, peers=_peers_of(env.repo))

@@ -1,7 +1,10 @@
-"""Materialising series, output attribution, storage requests, C-STORE to DCMTK storescp."""
+"""Materialising series, output attribution, storage requests, C-STORE to DCMTK storescp and to a TLS peer."""
 
 from __future__ import annotations
 
+import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pydicom
@@ -18,7 +21,7 @@ from tasks.outputs import (
     snapshot,
     storage_requests,
 )
-from tasks.send import dicom_files, send_files
+from tasks.send import client_tls_context, dicom_files, send_files
 from tests.factories import make_small_series
 from tests.tasks.helpers import free_port, make_home, storescp
 
@@ -100,3 +103,50 @@ def test_send_to_a_dead_peer_is_retried_then_reported(tmp_path: Path) -> None:
     path.write_bytes(to_p10_bytes(make_small_series(1, seed=33)[0]))
     with pytest.raises(SendError, match="after 2 attempts"):
         send_files(_peer(free_port()), [path], attempts=2, delay=0.1, timeout=2)
+
+
+@contextmanager
+def _tls_scp(cert: Path, key: Path) -> Iterator[tuple[int, list[str]]]:
+    """A pynetdicom storage SCP that speaks only TLS; yields its port and the SOP UIDs it stored."""
+    from pynetdicom import AE, evt
+    from pynetdicom.presentation import AllStoragePresentationContexts
+
+    stored: list[str] = []
+
+    def on_store(event: evt.Event) -> int:
+        stored.append(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(str(cert), str(key))
+    ae = AE(ae_title="SECUREPACS")
+    ae.supported_contexts = AllStoragePresentationContexts
+    port = free_port()
+    server = ae.start_server(
+        ("127.0.0.1", port), block=False, ssl_context=server_context, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    try:
+        yield port, stored
+    finally:
+        server.shutdown()
+
+
+def test_a_peer_marked_tls_gets_its_results_over_tls_only(tmp_path: Path, tls_certificate: tuple[Path, Path]) -> None:
+    from tests.factories import to_p10_bytes
+
+    cert, key = tls_certificate
+    files = []
+    for ds in make_small_series(2, seed=34):
+        files.append(tmp_path / f"{ds.SOPInstanceUID}.dcm")
+        files[-1].write_bytes(to_p10_bytes(ds))
+    with _tls_scp(cert, key) as (port, stored):
+        secure = _peer(port).model_copy(update={"tls": True, "ae_title": "SECUREPACS"})
+        report = send_files(secure, files, tls=client_tls_context(ca=cert))
+        assert report.sent == stored and len(stored) == 2
+        with pytest.raises(SendError, match="not established"):  # the same port in clear: refused
+            send_files(_peer(port).model_copy(update={"ae_title": "SECUREPACS"}), files, attempts=1, timeout=5)
+        with pytest.raises(SendError, match="over TLS not established"):  # a certificate we do not trust
+            send_files(secure, files, attempts=1, timeout=5)  # system CAs only: self-signed fails
+    assert len(stored) == 2
+    with pytest.raises(SendError, match="TLS settings unusable"):
+        client_tls_context(ca=tmp_path / "missing.pem")
