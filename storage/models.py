@@ -251,7 +251,7 @@ class PeerBase(SQLModel):
     receive_results: bool = False  # we send results to it
     description: str = ""
     stable_age_seconds: int | None = None  # overrides DCMFLOW_STABLE_AGE for its series
-    tls: bool = False  # accepted over TLS only when it sends to us (results are still sent to it in clear)
+    tls: bool = False  # TLS only, both ways: it is refused over plain TCP, and results go to it over TLS
 
 
 class Peer(PeerBase, table=True):
