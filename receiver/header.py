@@ -58,7 +58,7 @@ from pydicom.uid import PrivateTransferSyntaxes
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, TEXT_VR_DELIMS
 from pydicom.values import convert_PN, convert_string
 
-__all__ = ["LAST_TAG", "HeaderValues", "read_header"]
+__all__ = ["FIELD_OF_KEYWORD", "LAST_TAG", "HeaderValues", "read_header"]
 
 LAST_TAG = 0x00201209
 """(0020,1209) Number of Series Related Instances: the last element read; every element ingest
@@ -89,8 +89,7 @@ _IMPLICIT = struct.Struct("<HHI")
 _U32 = struct.Struct("<I")
 _U16 = struct.Struct("<H")
 
-# Keyword → HeaderValues field (the elements of receiver.ingest._HEADER_TAGS but (0008,0005)).
-_FIELD_OF_KEYWORD = {
+FIELD_OF_KEYWORD = {
     "SOPClassUID": "sop_class_uid",
     "SOPInstanceUID": "sop_uid",
     "StudyDate": "study_date",
@@ -111,6 +110,8 @@ _FIELD_OF_KEYWORD = {
     "InstanceNumber": "instance_number",
     "NumberOfSeriesRelatedInstances": "series_related_instances",
 }
+"""Keyword → :class:`HeaderValues` field: every element ingest reads (with (0008,0005) Specific
+Character Set, which only decides how text decodes). The pydicom path reads the same list."""
 
 
 def _tag(keyword: str) -> int:
@@ -494,10 +495,10 @@ _CONVERTERS: dict[str, Callable[[bytes, list[str]], Any]] = {
 # tag → (HeaderValues field, converter); tag → the VR an explicit-VR file must give it
 # (the data dictionary's); field → its value when the element is absent or empty.
 _FIELDS: dict[int, tuple[str, Callable[[bytes, list[str]], Any]]] = {
-    _tag(k): (field, _CONVERTERS[dictionary_VR(k)]) for k, field in _FIELD_OF_KEYWORD.items()
+    _tag(k): (field, _CONVERTERS[dictionary_VR(k)]) for k, field in FIELD_OF_KEYWORD.items()
 }
 _WANTED_VR: dict[int, bytes] = {
-    _tag(k): dictionary_VR(k).encode("ascii") for k in [*_FIELD_OF_KEYWORD, "SpecificCharacterSet"]
+    _tag(k): dictionary_VR(k).encode("ascii") for k in [*FIELD_OF_KEYWORD, "SpecificCharacterSet"]
 }
 _ABSENT: dict[str, Any] = {field: None if convert is _integer else "" for field, convert in _FIELDS.values()}
 

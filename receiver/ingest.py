@@ -49,10 +49,10 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from pydicom.datadict import tag_for_keyword
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.filereader import read_partial
 
-from receiver.header import HeaderValues, read_header
+from receiver.header import FIELD_OF_KEYWORD, LAST_TAG, HeaderValues, read_header
 from storage.errors import InvalidKeyError, ObjectExistsError, StorageError
 from storage.keys import instance_key, instance_version_key
 from storage.local import LocalObjectStore
@@ -95,32 +95,13 @@ DEFAULT_STORE_THREADS = 8
 _T = TypeVar("_T")
 
 # The header elements ingest reads (PS3.3 C.7.1.1 Patient, C.7.2.1 General Study, C.7.3.1
-# General Series, C.7.6.1 General Image, C.12.1 SOP Common), nothing else.
-_HEADER_TAGS = [
-    "SpecificCharacterSet",
-    "SOPClassUID",
-    "SOPInstanceUID",
-    "StudyDate",
-    "StudyTime",
-    "AccessionNumber",
-    "Modality",
-    "ReferringPhysicianName",
-    "StudyDescription",
-    "SeriesDescription",
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "BodyPartExamined",
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-    "SeriesNumber",
-    "InstanceNumber",
-    "NumberOfSeriesRelatedInstances",
-]
+# General Series, C.7.6.1 General Image, C.12.1 SOP Common), nothing else: one list for both
+# paths, kept in receiver.header.
+_HEADER_TAGS = ["SpecificCharacterSet", *FIELD_OF_KEYWORD]
 _TAG_OF: dict[str, int] = {k: int(tag_for_keyword(k)) for k in _HEADER_TAGS}  # type: ignore[arg-type]
 _HEADER_TAG_NUMBERS: list[Any] = list(_TAG_OF.values())
-_LAST_HEADER_TAG = 0x00201209
+_IS_NUMBER = {keyword: dictionary_VR(keyword) == "IS" for keyword in FIELD_OF_KEYWORD}  # read with _int
+_LAST_HEADER_TAG = LAST_TAG
 
 
 class StorageFactory(Protocol):
@@ -264,7 +245,7 @@ def read_instance(raw: bytes, entry: SpoolEntry, *, hash_bytes: bool = True) -> 
 
 
 def _instance(header: HeaderValues, raw: bytes, entry: SpoolEntry, *, hash_bytes: bool) -> tuple[InstanceIn, str]:
-    """:func:`read_instance` from the byte-level reader's values (same fields as the pydicom path)."""
+    """The :class:`InstanceIn` of one file from its header values, whichever path read them."""
     key = instance_key(header.study_uid, header.series_uid, header.sop_uid)  # validates all three
     sha = hashlib.sha256(raw).hexdigest() if hash_bytes else ""
     return (
@@ -302,40 +283,18 @@ def _instance(header: HeaderValues, raw: bytes, entry: SpoolEntry, *, hash_bytes
 def _read_instance_pydicom(raw: bytes, entry: SpoolEntry, *, hash_bytes: bool = True) -> tuple[InstanceIn, str]:
     """:func:`read_instance` with pydicom only: for files :func:`read_header` leaves to it (and tests)."""
     ds = read_partial(io.BytesIO(raw), stop_when=_stop_after_header, specific_tags=_HEADER_TAG_NUMBERS)
+    # Bad UIDs are reported before any other value is converted, as this path always did.
+    instance_key(_text(ds, "StudyInstanceUID"), _text(ds, "SeriesInstanceUID"), _text(ds, "SOPInstanceUID"))
     meta = ds.file_meta
-    study, series, sop = _text(ds, "StudyInstanceUID"), _text(ds, "SeriesInstanceUID"), _text(ds, "SOPInstanceUID")
-    key = instance_key(study, series, sop)  # validates all three
-    sha = hashlib.sha256(raw).hexdigest() if hash_bytes else ""
-    return (
-        InstanceIn(
-            study_uid=study,
-            series_uid=series,
-            sop_uid=sop,
-            sha256=sha,
-            size=len(raw),
-            object_key=key,
-            received_at=entry.received_at,
-            sop_class_uid=_text(ds, "SOPClassUID") or str(getattr(meta, "MediaStorageSOPClassUID", "") or ""),
-            transfer_syntax_uid=str(getattr(meta, "TransferSyntaxUID", "") or ""),
-            instance_number=_int(ds, "InstanceNumber"),
-            calling_ae=entry.calling_ae,
-            patient_id=_text(ds, "PatientID"),
-            patient_name=_text(ds, "PatientName"),
-            patient_birth_date=_text(ds, "PatientBirthDate"),
-            patient_sex=_text(ds, "PatientSex"),
-            study_date=_text(ds, "StudyDate"),
-            study_time=_text(ds, "StudyTime"),
-            study_description=_text(ds, "StudyDescription"),
-            accession_number=_text(ds, "AccessionNumber"),
-            referring_physician=_text(ds, "ReferringPhysicianName"),
-            modality=_text(ds, "Modality"),
-            series_number=_int(ds, "SeriesNumber"),
-            series_description=_text(ds, "SeriesDescription"),
-            body_part=_text(ds, "BodyPartExamined"),
-            expected_instance_count=expected_count(_int(ds, "NumberOfSeriesRelatedInstances")),
-        ),
-        sha,
+    values: dict[str, Any] = {
+        field: (_int if _IS_NUMBER[keyword] else _text)(ds, keyword) for keyword, field in FIELD_OF_KEYWORD.items()
+    }
+    header = HeaderValues(
+        transfer_syntax_uid=str(getattr(meta, "TransferSyntaxUID", "") or ""),
+        media_storage_sop_class_uid=str(getattr(meta, "MediaStorageSOPClassUID", "") or ""),
+        **values,
     )
+    return _instance(header, raw, entry, hash_bytes=hash_bytes)
 
 
 def store_instance_object(

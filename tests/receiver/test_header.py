@@ -200,7 +200,7 @@ def _undefined_sequences(ds: Dataset) -> Dataset:
 
 
 def test_reads_the_elements_ingest_reads() -> None:
-    assert set(header._FIELD_OF_KEYWORD) | {"SpecificCharacterSet"} == set(_HEADER_TAGS)
+    assert set(header.FIELD_OF_KEYWORD) | {"SpecificCharacterSet"} == set(_HEADER_TAGS)
     assert LAST_TAG == _LAST_HEADER_TAG
 
 
