@@ -53,7 +53,7 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Container, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
@@ -491,7 +491,7 @@ class Spool:
 
     def write(
         self,
-        data: bytes | Sequence[bytes | memoryview],
+        data: bytes,
         *,
         sop_uid: str,
         association_id: str,
@@ -502,9 +502,8 @@ class Spool:
 
         Parameters
         ----------
-        data : bytes or sequence of bytes
-            The raw PS3.10 file bytes (preamble, file meta, dataset as received), or its
-            pieces (written one after the other, so the dataset is never copied to join them).
+        data : bytes
+            The raw PS3.10 file bytes (preamble, file meta, dataset as received).
         sop_uid, association_id, calling_ae, received_ns
             As for :meth:`open_entry`.
 
@@ -522,14 +521,11 @@ class Spool:
         OSError
             If the disk write fails (the temporary file is removed).
         """
-        parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
-        size = sum(memoryview(p).nbytes for p in parts)
         writer = self.open_entry(
-            sop_uid=sop_uid, association_id=association_id, calling_ae=calling_ae, received_ns=received_ns, incoming=size
+            sop_uid=sop_uid, association_id=association_id, calling_ae=calling_ae, received_ns=received_ns, incoming=len(data)
         )
         with writer:
-            for part in parts:
-                writer.write(part)
+            writer.write(data)
             return writer.commit()
 
     # -- ingest side ------------------------------------------------------------------------
