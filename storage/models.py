@@ -35,6 +35,7 @@ __all__ = [
     "SeriesState",
     "JobState",
     "SessionState",
+    "session_claim_key",
     "SourceKind",
     "WorkerKind",
     "JobLevel",
@@ -158,6 +159,7 @@ class JobState(StrEnum):
     TIMED_OUT = "timed_out"
     SKIPPED = "skipped"
     CANCELLED = "cancelled"
+    CRASHED = "crashed"  # running when its flow run died (``Repository.release_claim``)
 
 
 class SessionState(StrEnum):
@@ -167,6 +169,16 @@ class SessionState(StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    CRASHED = "crashed"  # its flow run died (kill -9, machine lost); claim released
+
+
+def session_claim_key(level: str, uid: str, revision: int) -> str:
+    """``series/<uid>/<revision>`` (or ``study/…``): the key a triggered run claims.
+
+    At most one session holds a key (unique index ``ix_session_claim_key``), so a
+    (series or study, revision) is processed once however often its trigger fires.
+    """
+    return f"{level}/{uid}/{int(revision)}"
 
 
 class SourceKind(StrEnum):
@@ -401,6 +413,8 @@ class SessionBase(SQLModel):
     trigger: str = ""  # e.g. "dicom.series.stable", "manual", "reprocess"
     flow_run_id: str | None = None
     state: str = SessionState.RUNNING.value
+    # session_claim_key() of a triggered run; NULL for manual runs and once released
+    claim_key: str | None = Field(default=None, unique=True, index=True)
 
 
 class Session(SessionBase, table=True):

@@ -59,7 +59,7 @@ from sqlmodel import SQLModel
 
 from storage import models as m
 from storage.db import write_transaction
-from storage.errors import RecordError
+from storage.errors import ClaimConflictError, RecordError
 from storage.keys import validate_uid
 
 __all__ = [
@@ -70,6 +70,8 @@ __all__ = [
     "SeriesClaim",
     "StudyClaim",
     "StudyReceivedClaim",
+    "SessionClaim",
+    "StaleClaim",
     "DEFAULT_RECLAIM_AFTER",
     "MAX_CLAIM_ADDED_SOP_UIDS",
     "Repository",
@@ -225,6 +227,32 @@ class StudyClaim:
     instance_count: int
     modalities: str
     stable_at: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class SessionClaim:
+    """What :meth:`Repository.claim_session` did.
+
+    ``claimed``: the session was recorded and holds the claim. Otherwise nothing was written
+    and ``session`` is the earlier session that holds it (running or finished).
+    """
+
+    claimed: bool
+    session: m.SessionPublic
+
+
+@dataclass(frozen=True, slots=True)
+class StaleClaim:
+    """A session that holds a claim and is still ``running`` (:meth:`Repository.list_stale_claims`)."""
+
+    session_id: int
+    level: str  # "series" or "study"
+    uid: str
+    revision: int
+    flow_run_id: str | None
+    claim_key: str
+    trigger: str
+    created_at: dt.datetime
 
 
 @dataclass(slots=True)
@@ -1411,6 +1439,161 @@ class Repository:
         if row is None:
             raise RecordError(f"no session {session_id}")
         return _public(m.SessionPublic, row)
+
+    def claim_session(
+        self,
+        level: str,
+        uid: str,
+        revision: int,
+        *,
+        study_uid: str | None = None,
+        trigger: str = "",
+        flow_run_id: str | None = None,
+    ) -> SessionClaim:
+        """Start the one session of a (series or study, revision), unless one already exists.
+
+        The session is inserted with ``claim_key`` = :func:`storage.models.session_claim_key`
+        under its unique index (``INSERT … ON CONFLICT DO NOTHING``): of any number of
+        concurrent callers exactly one inserts; the others read the session that did. A claim
+        stays held when its session finishes (completed, failed or cancelled), so a trigger
+        fired again later is a duplicate too; only :meth:`release_claim` frees it.
+
+        Parameters
+        ----------
+        level
+            ``"series"`` or ``"study"``.
+        uid
+            Series (or study) Instance UID.
+        revision
+            The revision the run is for.
+        study_uid
+            The series' study (``level="series"``); recorded on the session.
+
+        Returns
+        -------
+        SessionClaim
+            ``claimed=True`` and the new session, or ``claimed=False`` and the holder.
+        """
+        if level not in ("series", "study"):
+            raise ValueError(f"level must be 'series' or 'study', not {level!r}")
+        validate_uid(uid, "Series Instance UID" if level == "series" else "Study Instance UID")
+        key = m.session_claim_key(level, uid, revision)
+        values = m.SessionBase(
+            series_uid=uid if level == "series" else None,
+            study_uid=study_uid if level == "series" else uid,
+            revision=revision,
+            trigger=trigger,
+            flow_run_id=flow_run_id,
+            claim_key=key,
+        ).model_dump()
+        values["created_at"] = m.utcnow()
+        for _ in range(5):  # the holder can release between our conflict and our read: try again
+            with write_transaction(self.engine) as conn:
+                stmt = _insert(conn, T_SESSION).values(values).on_conflict_do_nothing(index_elements=["claim_key"])
+                row = conn.execute(stmt.returning(*T_SESSION.c)).first()
+                if row is not None:
+                    return SessionClaim(True, _public(m.SessionPublic, row))
+                holder = conn.execute(sa.select(T_SESSION).where(T_SESSION.c.claim_key == key)).first()
+                if holder is not None:
+                    return SessionClaim(False, _public(m.SessionPublic, holder))
+        raise ClaimConflictError(f"{key}: claimed and released repeatedly while claiming it")
+
+    def list_stale_claims(self, *, created_before: dt.datetime | None = None) -> list[StaleClaim]:
+        """Sessions that hold a claim and are still ``running``, oldest first.
+
+        After a crash of the whole stack (``kill -9``) these are the runs that will never
+        finish; while the stack is up they include the runs in progress, so check each
+        ``flow_run_id`` with Prefect before :meth:`release_claim`.
+
+        Parameters
+        ----------
+        created_before
+            Only sessions started before this (timezone-aware) time.
+        """
+        stmt = (
+            sa.select(T_SESSION)
+            .where(T_SESSION.c.claim_key.is_not(None), T_SESSION.c.state == m.SessionState.RUNNING.value)
+            .order_by(T_SESSION.c.created_at, T_SESSION.c.id)
+        )
+        if created_before is not None:
+            stmt = stmt.where(T_SESSION.c.created_at < _require_aware(created_before, "created_before"))
+        with self.engine.connect() as conn:
+            rows = conn.execute(stmt).all()
+        return [
+            StaleClaim(
+                session_id=r.id,
+                level="series" if r.series_uid is not None else "study",
+                uid=r.series_uid if r.series_uid is not None else r.study_uid,
+                revision=r.revision,
+                flow_run_id=r.flow_run_id,
+                claim_key=r.claim_key,
+                trigger=r.trigger,
+                created_at=r.created_at,
+            )
+            for r in rows
+        ]
+
+    def release_claim(
+        self,
+        session_id: int,
+        *,
+        state: str = m.SessionState.CRASHED.value,
+        reason: str = "",
+        now: dt.datetime | None = None,
+    ) -> bool:
+        """End a session that is still ``running`` and free its claim, in one transaction.
+
+        The session gets ``state`` (default ``crashed``), ``finished_at`` and no claim key, so a
+        new run of the same revision can claim it. Its ``running`` jobs become ``crashed``,
+        its ``pending`` ones ``cancelled``, both with ``reason`` as their error. The reason,
+        the state and the freed key are kept as session data ``released``.
+
+        Returns
+        -------
+        bool
+            ``False`` when the session does not exist or is no longer running (nothing changed).
+
+        Raises
+        ------
+        ValueError
+            ``state`` is ``running``.
+        """
+        state = m.SessionState(state).value
+        if state == m.SessionState.RUNNING.value:
+            raise ValueError("a released session cannot stay running")
+        at = _require_aware(now, "now") if now is not None else m.utcnow()
+        running = m.SessionState.RUNNING.value
+        with write_transaction(self.engine) as conn:
+            old_key = conn.execute(
+                _for_update(conn, sa.select(T_SESSION.c.claim_key).where(T_SESSION.c.id == session_id))
+            ).first()
+            done = conn.execute(
+                sa.update(T_SESSION)
+                .where(T_SESSION.c.id == session_id, T_SESSION.c.state == running)
+                .values(state=state, finished_at=at, claim_key=None)
+                .returning(T_SESSION.c.id)
+            ).first()
+            if done is None:
+                return False
+            for before, after in ((m.JobState.RUNNING, m.JobState.CRASHED), (m.JobState.PENDING, m.JobState.CANCELLED)):
+                conn.execute(
+                    sa.update(T_JOB)
+                    .where(T_JOB.c.session_id == session_id, T_JOB.c.state == before.value)
+                    .values(state=after.value, error=reason or None, finished_at=at)
+                )
+            record = {
+                "state": state,
+                "reason": reason,
+                "claim_key": old_key.claim_key if old_key is not None else None,
+                "at": at.isoformat(),
+            }
+            _upsert(
+                conn,
+                T_SESSION_DATA,
+                [{"session_id": session_id, "job_name": "", "name": "released", "value": record, "updated_at": at}],
+                ["session_id", "job_name", "name"],
+            )
+        return True
 
     def create_jobs(self, session_id: int, specs: Sequence[m.JobBase | Mapping[str, Any]]) -> list[m.JobPublic]:
         """Create the job runs of a session (series/study UID and revision default to the session's).

@@ -24,12 +24,12 @@ EXPECTED_TABLES = {
 def test_upgrade_creates_schema_and_is_idempotent(db_url: str) -> None:
     assert current_revision(db_url) is None
     upgrade(db_url)
-    assert current_revision(db_url) == head_revision() == "0002"
+    assert current_revision(db_url) == head_revision() == "0003"
     engine = create_engine(db_url)
     try:
         assert set(sa.inspect(engine).get_table_names()) == EXPECTED_TABLES
         upgrade(engine)  # a second run is a no-op, not an error
-        assert current_revision(engine) == "0002"
+        assert current_revision(engine) == "0003"
     finally:
         engine.dispose()
 
@@ -59,7 +59,7 @@ def test_downgrade_to_base_then_upgrade_again(db_url: str) -> None:
             command.downgrade(cfg, "base")
         assert set(sa.inspect(engine).get_table_names()) <= {"alembic_version"}
         upgrade(engine)
-        assert current_revision(engine) == "0002"
+        assert current_revision(engine) == "0003"
     finally:
         engine.dispose()
 
@@ -110,7 +110,7 @@ def test_0002_downgrade_and_upgrade_keep_data_and_backfill_received(db_url: str)
         assert not columns & {"received_claimed_by", "received_claimed_at", "received_emitted_at"}
         assert "ix_series_unemitted" not in {i["name"] for i in sa.inspect(engine).get_indexes("series")}
         upgrade(engine)
-        assert current_revision(engine) == "0002"
+        assert current_revision(engine) == "0003"
         with engine.connect() as conn:
             assert conn.execute(sa.text("SELECT count(*) FROM study")).scalar_one() == 3
             diffs = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), SQLModel.metadata)
