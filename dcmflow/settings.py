@@ -19,6 +19,11 @@ DEFAULT_DICOM_PORT = 11112
 DEFAULT_STABLE_AGE = 60.0
 DEFAULT_BUCKET = "dcmflow"
 DEFAULT_MAX_PARALLEL_JOBS = 4
+DEFAULT_PREFECT_PORT = 4200
+DEFAULT_MAX_FLOW_RUNS = 4
+DEFAULT_STUDY_WEBHOOK_TIMEOUT = 10.0
+DEFAULT_STUDY_WEBHOOK_RETRIES = 4
+DEFAULT_STUDY_WEBHOOK_RETRY_DELAY = 2.0
 
 
 class Settings(BaseSettings):
@@ -72,6 +77,20 @@ class Settings(BaseSettings):
     max_parallel_jobs: int = Field(
         DEFAULT_MAX_PARALLEL_JOBS, ge=1, description="Jobs of one processing run that may run at once."
     )
+    prefect_api_url: str | None = Field(
+        None,
+        validation_alias="PREFECT_API_URL",
+        description="PREFECT_API_URL: the Prefect server to use; unset = `dcmflow up` starts its own.",
+    )
+    prefect_host: str = Field(
+        "127.0.0.1", description="Address the Prefect server that `dcmflow up` starts listens on (UI and API)."
+    )
+    prefect_port: int = Field(
+        DEFAULT_PREFECT_PORT, ge=1, le=65535, description="Port of the Prefect server that `dcmflow up` starts."
+    )
+    max_flow_runs: int = Field(
+        DEFAULT_MAX_FLOW_RUNS, ge=1, description="Flow runs (series, studies) that `dcmflow up` runs at once."
+    )
     tls_cert: Path | None = Field(
         None,
         description="PEM certificate chain of this node: the receiver's TLS certificate (enables TLS) and the "
@@ -80,6 +99,26 @@ class Settings(BaseSettings):
     tls_key: Path | None = Field(None, description="PEM private key of DCMFLOW_TLS_CERT.")
     tls_ca: Path | None = Field(
         None, description="PEM CA bundle that peers' TLS certificates are verified with (default: the system's)."
+    )
+    study_webhook_url: SecretStr | None = Field(
+        None,
+        description="http(s) URL the study card of every new study is POSTed to as JSON by the study-received "
+        "flow (unset = artifact only). Kept secret (it often holds a token); user:password@ in it is sent as HTTP "
+        "basic auth, and logs show it without credentials or query.",
+    )
+    study_webhook_timeout: float = Field(
+        DEFAULT_STUDY_WEBHOOK_TIMEOUT, gt=0, description="Seconds one POST to DCMFLOW_STUDY_WEBHOOK_URL may take."
+    )
+    study_webhook_retries: int = Field(
+        DEFAULT_STUDY_WEBHOOK_RETRIES,
+        ge=0,
+        le=50,
+        description="Retries of a failed webhook POST (network error, 408, 429 or 5xx) before the run fails.",
+    )
+    study_webhook_retry_delay: float = Field(
+        DEFAULT_STUDY_WEBHOOK_RETRY_DELAY,
+        ge=0,
+        description="Seconds before the first webhook retry; each further retry waits twice as long.",
     )
 
     @model_validator(mode="after")

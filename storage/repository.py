@@ -785,6 +785,14 @@ class Repository:
             row = conn.execute(sa.select(T_PATIENT).where(T_PATIENT.c.id == patient_pk)).first()
         return _public(m.PatientPublic, row) if row is not None else None
 
+    def count_records(self) -> dict[str, int]:
+        """How many studies, series and instance versions are recorded (``dcmflow status``)."""
+        with self.engine.connect() as conn:
+            return {
+                name: int(conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one())
+                for name, table in (("studies", T_STUDY), ("series", T_SERIES), ("instances", T_INSTANCE))
+            }
+
     # ------------------------------------------------------------------ completeness
 
     def claim_due_series(

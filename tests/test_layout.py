@@ -8,18 +8,20 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ["dcmflow", "flows", "tasks", "services_registry", "storage", "receiver"]
+PACKAGES = ["dcmflow", "deployments", "flows", "tasks", "services_registry", "storage", "receiver"]
 
-# DESIGN.md: dcmflow → flows → tasks → services_registry, storage; receiver → storage.
+# DESIGN.md: dcmflow → flows → tasks → services_registry, storage; receiver → storage;
+# deployments/ is a loader only: it names flows by module path and imports none of ours.
 ALLOWED = {
+    "deployments": set(),
     "storage": set(),
     "services_registry": {"storage"},
     "receiver": {"storage"},
     "tasks": {"services_registry", "storage"},
     "flows": {"tasks", "services_registry", "storage"},
-    "dcmflow": {"flows", "tasks", "services_registry", "storage", "receiver"},
+    "dcmflow": {"deployments", "flows", "tasks", "services_registry", "storage", "receiver"},
 }
-PREFECT_ALLOWED = {"flows", "tasks", "dcmflow"}  # plus receiver's event emitter, see below
+PREFECT_ALLOWED = {"flows", "tasks", "dcmflow", "deployments"}  # plus receiver's event emitter, see below
 
 
 def _modules(package: str) -> list[Path]:

@@ -21,12 +21,13 @@ from dcmflow.cli._common import load_settings, open_repository
 from dcmflow.cli._output import fail
 
 if TYPE_CHECKING:
+    from receiver.runner import ReceiverConfig
     from storage.objects import ObjectStore
     from storage.repository import Repository
 
     from dcmflow.settings import Settings
 
-__all__ = ["receive", "open_storage", "app"]
+__all__ = ["receive", "receiver_config", "configure_logging", "open_storage", "app"]
 
 app = typer.Typer(help="Run the DICOM receiver.", pretty_exceptions_enable=False, add_completion=False)
 
@@ -36,6 +37,54 @@ def open_storage(settings: Settings) -> tuple[ObjectStore, Repository]:
     from dcmflow.wiring import object_store_from, repository_from
 
     return object_store_from(settings), repository_from(settings)
+
+
+def receiver_config(
+    settings: Settings,
+    *,
+    port: int | None = None,
+    ae_title: str | None = None,
+    host: str = "",
+    accept_any: bool = False,
+    trusted_networks: list[str] | None = None,
+    check_called_aet: bool = True,
+    ingest_workers: int = 1,
+    min_free_mb: int | None = None,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+) -> ReceiverConfig:
+    """The receiver of ``settings``, with command-line overrides (``receive`` and ``up``)."""
+    from receiver.runner import ReceiverConfig
+    from receiver.scp import ScpConfig
+
+    return ReceiverConfig(
+        scp=ScpConfig(
+            ae_title=ae_title or settings.ae_title,
+            host=host,
+            port=settings.dicom_port if port is None else port,
+            require_called_aet=settings.require_called_aet and check_called_aet,
+            tls_cert=tls_cert or settings.tls_cert,
+            tls_key=tls_key or settings.tls_key,
+        ),
+        spool_dir=settings.spool_dir,
+        min_free_bytes=min_free_mb * 1024 * 1024 if min_free_mb is not None else settings.spool_min_free_bytes,
+        min_free_fraction=0.0 if min_free_mb is not None else settings.spool_min_free_fraction,
+        accept_any=accept_any or settings.accept_any_caller,
+        trusted_networks=tuple(trusted_networks or settings.trusted_networks),
+        ingest_workers=ingest_workers,
+        stable_age=settings.stable_age,
+    )
+
+
+def configure_logging(verbose: bool) -> None:
+    """One log line format for the long-running commands; quiet the chatty libraries."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 @app.command()
@@ -62,35 +111,25 @@ def receive(
 ) -> None:
     """Receive DICOM (C-STORE, C-ECHO) until SIGINT/SIGTERM: one log line per association and batch."""
     from receiver.errors import ReceiverError
-    from receiver.runner import Receiver, ReceiverConfig
-    from receiver.scp import ScpConfig
+    from receiver.runner import Receiver
     from storage.errors import StorageError
 
     settings = load_settings()
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    configure_logging(verbose)
 
     repository = open_repository(settings)
-    config = ReceiverConfig(
-        scp=ScpConfig(
-            ae_title=ae_title or settings.ae_title,
-            host=host,
-            port=settings.dicom_port if port is None else port,
-            require_called_aet=settings.require_called_aet and not no_called_aet_check,
-            tls_cert=tls_cert or settings.tls_cert,
-            tls_key=tls_key or settings.tls_key,
-        ),
-        spool_dir=settings.spool_dir,
-        min_free_bytes=min_free_mb * 1024 * 1024 if min_free_mb is not None else settings.spool_min_free_bytes,
-        min_free_fraction=0.0 if min_free_mb is not None else settings.spool_min_free_fraction,
-        accept_any=accept_any or settings.accept_any_caller,
-        trusted_networks=tuple(trusted_network or settings.trusted_networks),
+    config = receiver_config(
+        settings,
+        port=port,
+        ae_title=ae_title,
+        host=host,
+        accept_any=accept_any,
+        trusted_networks=trusted_network,
+        check_called_aet=not no_called_aet_check,
         ingest_workers=ingest_workers,
-        stable_age=settings.stable_age,
+        min_free_mb=min_free_mb,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
     )
     try:
         Receiver(config, functools.partial(open_storage, settings), repository).serve_forever()

@@ -1,0 +1,201 @@
+"""``dcmflow up`` (the whole stack in one command) and ``dcmflow status`` (what is running).
+
+``up`` starts a Prefect server (unless ``PREFECT_API_URL`` names one), serves the deployments
+of ``deployments/prefect.yaml`` with their triggers (``serve-flows``, a hidden command run as
+a child process), and runs the DICOM receiver here; see :mod:`dcmflow.stack`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import signal
+import time
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+from dcmflow.cli._common import load_settings, open_repository
+from dcmflow.cli._output import emit, fail, stdout
+from dcmflow.cli.receive import configure_logging, open_storage, receiver_config
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from dcmflow.settings import Settings
+    from dcmflow.stack import Stack
+
+__all__ = ["up", "status", "serve_flows"]
+
+log = logging.getLogger("dcmflow.up")
+
+ACTION_CHECK_SECONDS = 5.0
+"""How often ``up`` looks for automation actions the server could not carry out."""
+
+
+def _describe_objects(settings: Settings) -> str:
+    if settings.s3_endpoint:
+        return f"s3://{settings.s3_endpoint}/{settings.s3_bucket}"
+    return str(settings.objects_dir.resolve())
+
+
+def _banner(stack: Stack, settings: Settings) -> None:
+    state = stack.state
+    assert state is not None
+    lines = [
+        "[bold green]dcmflow is up[/]",
+        f"  Prefect UI    {state.ui_url}",
+        f"  Prefect API   {state.api_url}" + ("" if stack.server else "  (PREFECT_API_URL)"),
+        f"  DICOM         AE {state.ae_title} on port {state.dicom_port}  (send with: "
+        f"TCP_NODELAY=1 /usr/bin/storescu -aec {state.ae_title} 127.0.0.1 {state.dicom_port} +sd +r FOLDER)",
+        f"  data          {state.home}",
+        f"  records       {state.database}",
+        f"  objects       {state.objects}",
+        f"  series stable after {settings.stable_age:g} s of quiet (DCMFLOW_STABLE_AGE) or their expected count",
+        "  try it: dcmflow demo   ·   what runs: dcmflow status   ·   stop: Ctrl-C",
+    ]
+    stdout.print("\n".join(lines), highlight=False)
+
+
+def _start_receiver(settings: Settings, api_url: str) -> Callable[[], None]:
+    """Run the receiver in this process, its events going to ``api_url``; returns its stop."""
+    from receiver.runner import Receiver
+
+    # The completeness monitor's emitter reads Prefect's settings, which Prefect builds from
+    # the environment when it is first imported (after this line, in this process).
+    os.environ["PREFECT_API_URL"] = api_url
+    receiver = Receiver(receiver_config(settings), functools.partial(open_storage, settings), open_repository(settings))
+    receiver.start()
+    return receiver.stop
+
+
+def up(
+    dicom_port: int | None = typer.Option(None, "--port", "-p", help="DICOM port (default DCMFLOW_DICOM_PORT, 11112)."),
+    prefect_port: int | None = typer.Option(
+        None, "--prefect-port", help="Port of the Prefect server started here (default DCMFLOW_PREFECT_PORT, 4200)."
+    ),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+) -> None:
+    """Run everything: Prefect server and UI, the deployments and their triggers, the DICOM receiver.
+
+    Without PREFECT_API_URL a Prefect server is started here (its database under
+    DCMFLOW_HOME/prefect, kept between runs); with it, that server is used. Every series that
+    arrives is stored, declared stable, and processed by the installed services as a
+    process-series flow run you can watch in the UI. Ctrl-C (or SIGTERM) stops everything;
+    starting again resumes what was left (spool, waiting series, unsent events, interrupted runs).
+    """
+    from dcmflow.stack import Stack, StackConfig, StackError
+    from dcmflow.wiring import describe_database
+
+    settings = load_settings()
+    if dicom_port is not None:
+        settings = settings.model_copy(update={"dicom_port": dicom_port})
+    if prefect_port is not None:
+        settings = settings.model_copy(update={"prefect_port": prefect_port})
+    configure_logging(verbose)
+    home = settings.home.resolve()
+    settings = settings.model_copy(update={"home": home})
+    open_repository(settings)  # a bad database is one line now, not after the server started
+    config = StackConfig(
+        home=home,
+        api_url=settings.prefect_api_url,
+        prefect_host=settings.prefect_host,
+        prefect_port=settings.prefect_port,
+        max_flow_runs=settings.max_flow_runs,
+        ae_title=settings.ae_title,
+        dicom_port=settings.dicom_port,
+        database=describe_database(settings),
+        objects=_describe_objects(settings),
+        extra_env={"DCMFLOW_DICOM_PORT": str(settings.dicom_port)},
+    )
+    stopping = False
+
+    def request_stop(*_: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    stack = Stack(config, lambda: _start_receiver(settings, stack.api_url))
+    try:
+        stack.start()
+        _banner(stack, settings)
+        from dcmflow.stack import action_watcher, recover_interrupted_runs
+
+        recover_interrupted_runs(stack, settings)
+        watcher = action_watcher(stack.api_url)
+        next_check = 0.0
+        while not stopping:
+            time.sleep(0.2)
+            stack.check_children()
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + ACTION_CHECK_SECONDS
+                watcher()
+        log.info("stopping")
+    except StackError as exc:
+        stack.stop()
+        fail(str(exc))
+    finally:
+        stack.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def serve_flows(
+    limit: int = typer.Option(4, "--limit", min=1, help="Flow runs at once."),
+    poll: float = typer.Option(1.0, "--poll", min=0.1, help="Seconds between polls for scheduled runs."),
+) -> None:
+    """Serve deployments/prefect.yaml with its triggers (run by `dcmflow up`; not for direct use)."""
+    from prefect import serve
+
+    from deployments.loader import runner_deployments
+
+    serve(*runner_deployments(), limit=limit, query_seconds=poll, print_starting_message=False)
+
+
+def status(as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
+    """Show the running stack: Prefect API and UI, DICOM AE and port, what arrived, recent flow runs."""
+    from dcmflow.stack import collect_status
+
+    settings = load_settings()
+    report = collect_status(settings)
+    if as_json:
+        import json
+
+        typer.echo(json.dumps(report, indent=2, default=str))
+    else:
+        _print_status(report)
+    if not report["running"]:
+        raise typer.Exit(3)
+
+
+def _print_status(report: dict[str, Any]) -> None:
+    if not report["running"]:
+        stdout.print(f"dcmflow up is not running for {report['home']} (start it with `dcmflow up`)", highlight=False)
+    else:
+        stack = report["stack"]
+        stdout.print(
+            "\n".join(
+                [
+                    f"dcmflow up (pid {stack['pid']}) since {stack['started_at']}",
+                    f"  Prefect UI    {stack['ui_url']}",
+                    f"  Prefect API   {stack['api_url']}  ({'healthy' if report['prefect_healthy'] else 'NOT ANSWERING'})",
+                    f"  DICOM         AE {stack['ae_title']} on port {stack['dicom_port']}",
+                    f"  data          {stack['home']}",
+                ]
+            ),
+            highlight=False,
+        )
+    counts = report["records"]
+    stdout.print(
+        f"  received      {counts['studies']} studies, {counts['series']} series, {counts['instances']} instances; "
+        f"{report['spool_backlog']} in the spool waiting for ingest",
+        highlight=False,
+    )
+    if report["waiting"]:
+        emit(report["waiting"], False, columns=["series_uid", "modality", "instance_count", "last_received_at"],
+             title="series waiting for stability")
+    if report["flow_runs"]:
+        emit(report["flow_runs"], False, columns=["name", "deployment", "state", "start_time", "url"], title="recent flow runs")
+    for failure in report["failed_actions"]:
+        stdout.print(f"[red]automation failed[/] {failure['occurred']}: {failure['reason']}", highlight=False)

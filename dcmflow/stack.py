@@ -1,0 +1,524 @@
+"""The processes of ``dcmflow up``: a Prefect server, the deployments served, the receiver.
+
+``up`` is a supervisor. It starts
+
+1. a Prefect server (``prefect server start``, its database under ``DCMFLOW_HOME/prefect``,
+   kept between runs), unless ``PREFECT_API_URL`` names one, and waits until it is healthy;
+2. the process that serves ``deployments/prefect.yaml`` with its triggers
+   (``dcmflow serve-flows``), and waits until the deployments exist;
+3. the DICOM receiver (SCP, ingest processes, completeness monitor) in this process.
+
+Children get ``DCMFLOW_HOME`` as an absolute path (served runs inherit this environment),
+the API URL, and the mark ``DCMFLOW_UP_HOME=<home>``, which every descendant inherits: the
+flow runs the runner starts (each in its own session) and the jobs they start. The server
+and the runner also get a parent-death signal, so a ``kill -9`` of ``up`` stops them at once;
+anything else left behind (a flow run in its own session) is found by that mark and stopped
+when ``up`` starts again, before anything binds a port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import datetime as dt
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from dcmflow.stack_state import StackState, clear_state, pid_alive, read_state, write_state
+
+if TYPE_CHECKING:
+    from dcmflow.settings import Settings
+
+__all__ = ["StackError", "StackConfig", "Stack", "stop_orphans", "port_in_use", "UP_HOME_MARK"]
+
+log = logging.getLogger("dcmflow.up")
+
+UP_HOME_MARK = "DCMFLOW_UP_HOME"
+"""Environment variable that marks every process ``up`` started, directly or not."""
+
+SERVE_FLOWS_COMMAND = [sys.executable, "-c", "from dcmflow.cli import main; main()", "serve-flows"]
+"""The runner process: ``dcmflow serve-flows`` with this interpreter (no reliance on PATH)."""
+
+_PR_SET_PDEATHSIG = 1
+
+
+class StackError(RuntimeError):
+    """The stack cannot start or went down (one line for the user)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class StackConfig:
+    """What ``up`` runs, resolved from settings and options at the entry point."""
+
+    home: Path
+    """Absolute ``DCMFLOW_HOME``."""
+    api_url: str | None
+    """An external Prefect API (``PREFECT_API_URL``), or None to start one."""
+    prefect_host: str = "127.0.0.1"
+    prefect_port: int = 4200
+    max_flow_runs: int = 4
+    poll_seconds: float = 1.0
+    """How often the runner asks for scheduled runs (Prefect's default is 10 s)."""
+    server_timeout: float = 180.0
+    ae_title: str = "DCMFLOW"
+    dicom_host: str = ""
+    dicom_port: int = 11112
+    database: str = ""
+    objects: str = ""
+    extra_env: dict[str, str] = field(default_factory=dict)
+    """Added to every child's environment (settings the served runs must see)."""
+
+
+def _gone() -> contextlib.suppress:
+    """Signalling a process that already exited is fine."""
+    return contextlib.suppress(ProcessLookupError, PermissionError)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to send SIGTERM when the parent dies."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the orphan sweep at the next start covers it
+        pass
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """True when ``host:port`` cannot be bound (another process listens there)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host or "0.0.0.0", port))
+        except OSError:
+            return True
+    return False
+
+
+def _marked_processes(home: Path) -> Iterator[int]:
+    """Pids whose environment carries ``DCMFLOW_UP_HOME=<home>`` (Linux /proc)."""
+    needle = f"{UP_HOME_MARK}={home}".encode()
+    me = os.getpid()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if needle in environ.split(b"\0"):
+            yield int(entry.name)
+
+
+def stop_orphans(home: Path, *, grace: float = 10.0) -> list[int]:
+    """Stop what an ``up`` for ``home`` that died left running; returns the pids signalled.
+
+    Does nothing while that ``up`` is alive (the caller refuses to start a second one).
+    """
+    pids = list(_marked_processes(home))
+    for pid in pids:
+        with _gone():
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in pids:
+        if pid_alive(pid):
+            with _gone():
+                os.kill(pid, signal.SIGKILL)
+    return pids
+
+
+def _healthy(api_url: str, timeout: float = 2.0) -> bool:
+    try:
+        return httpx.get(f"{api_url}/health", timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def ui_url_of(api_url: str) -> str:
+    """The UI beside an API URL (``…/api`` → ``…``)."""
+    return api_url.removesuffix("/").removesuffix("/api")
+
+
+@dataclass
+class _Child:
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def stop(self, grace: float = 20.0) -> None:
+        if self.process.poll() is not None:
+            return
+        with _gone():
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop within %.0f s; killing it", self.name, grace)
+            with _gone():
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=5)
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+class Stack:
+    """Start, watch and stop the processes of one ``dcmflow up``.
+
+    Parameters
+    ----------
+    config : StackConfig
+        What to run.
+    start_receiver : callable
+        Starts the receiver in this process and returns its ``stop`` (called last on start,
+        first on stop), so this module does not need to know the receiver's wiring.
+    """
+
+    def __init__(self, config: StackConfig, start_receiver: Callable[[], Callable[[], None]]) -> None:
+        self.config = config
+        self._start_receiver = start_receiver
+        self._stop_receiver: Callable[[], None] | None = None
+        self.server: _Child | None = None
+        self.runner: _Child | None = None
+        self.api_url = config.api_url or f"http://{config.prefect_host}:{config.prefect_port}/api"
+        self.state: StackState | None = None
+
+    # ------------------------------------------------------------------ environment
+
+    def child_env(self) -> dict[str, str]:
+        """The environment of every child: ours, absolute settings, the API URL and the mark."""
+        env = os.environ.copy()
+        env.update(self.config.extra_env)
+        env.update(
+            {
+                "DCMFLOW_HOME": str(self.config.home),
+                "PREFECT_API_URL": self.api_url,
+                UP_HOME_MARK: str(self.config.home),
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                "DO_NOT_TRACK": "1",
+                # served runs are new processes: let them reuse compiled byte-code (cached in
+                # the home, so an unwritable install is fine too) instead of recompiling
+                "PYTHONPYCACHEPREFIX": str(self.config.home / "pycache"),
+            }
+        )
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        return env
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> _Child:
+        logs = self.config.home / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        log_path = logs / f"{name}.log"
+        with log_path.open("ab") as out:
+            process = subprocess.Popen(
+                argv,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group, stopped as one
+                preexec_fn=_die_with_parent,
+            )
+        return _Child(name, process, log_path)
+
+    # ------------------------------------------------------------------ start
+
+    def check_free(self) -> None:
+        """Refuse to start next to a running ``up``, or on a busy port (one line)."""
+        cfg = self.config
+        running = read_state(cfg.home)
+        if running is not None:
+            raise StackError(f"dcmflow up is already running for {cfg.home} (pid {running.pid}); `dcmflow status` shows it")
+        swept = stop_orphans(cfg.home)
+        if swept:
+            log.warning("stopped %d process(es) left behind by an earlier dcmflow up (pids %s)", len(swept), swept)
+        if port_in_use(cfg.dicom_host, cfg.dicom_port):
+            raise StackError(f"DICOM port {cfg.dicom_port} is in use: stop what listens there or set DCMFLOW_DICOM_PORT")
+        if cfg.api_url is None and port_in_use(cfg.prefect_host, cfg.prefect_port):
+            raise StackError(
+                f"Prefect port {cfg.prefect_host}:{cfg.prefect_port} is in use: set DCMFLOW_PREFECT_PORT, "
+                "or PREFECT_API_URL to use the Prefect server that runs there"
+            )
+
+    def start_server(self) -> None:
+        """Start ``prefect server start`` (unless external) and wait until it answers."""
+        cfg = self.config
+        if cfg.api_url is not None:
+            if not _healthy(cfg.api_url, timeout=10):
+                raise StackError(f"the Prefect server at PREFECT_API_URL={cfg.api_url} does not answer {cfg.api_url}/health")
+            return
+        prefect_home = cfg.home / "prefect"
+        prefect_home.mkdir(parents=True, exist_ok=True)
+        env = self.child_env()
+        env.pop("PREFECT_API_URL")
+        env["PREFECT_HOME"] = str(prefect_home)
+        if not any(k in env for k in ("PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL")):
+            env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{prefect_home / 'prefect.db'}"
+        argv = [sys.executable, "-m", "prefect", "server", "start", "--host", cfg.prefect_host, "--port", str(cfg.prefect_port)]
+        log.info("starting the Prefect server on %s:%d (database under %s)", cfg.prefect_host, cfg.prefect_port, prefect_home)
+        self.server = self._spawn("prefect-server", argv, env)
+        self._wait(lambda: _healthy(self.api_url), self.server, "the Prefect server to answer", cfg.server_timeout)
+
+    def start_runner(self) -> None:
+        """Start the process serving ``deployments/prefect.yaml`` and wait until its deployments exist."""
+        cfg = self.config
+        argv = [*SERVE_FLOWS_COMMAND, "--limit", str(cfg.max_flow_runs), "--poll", str(cfg.poll_seconds)]
+        self.runner = self._spawn("serve-flows", argv, self.child_env())
+        from deployments.loader import read_specs
+
+        names = [spec.full_name for spec in read_specs()]
+
+        def served() -> bool:
+            try:
+                return all(
+                    httpx.get(f"{self.api_url}/deployments/name/{name}", timeout=2).status_code == 200 for name in names
+                )
+            except httpx.HTTPError:
+                return False
+
+        self._wait(served, self.runner, "the deployments to be served", cfg.server_timeout)
+
+    def _wait(self, ready: Callable[[], bool], child: _Child, what: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if child.process.poll() is not None:
+                raise StackError(f"{child.name} exited (code {child.process.returncode}) while waiting for {what}:\n{child.tail()}")
+            if time.monotonic() > deadline:
+                raise StackError(f"timed out after {timeout:.0f} s waiting for {what}; log: {child.log_path}")
+            time.sleep(0.25)
+
+    def start(self) -> StackState:
+        """Start everything (see the module docstring); on failure stop what started and raise."""
+        cfg = self.config
+        self.check_free()
+        try:
+            self.start_server()
+            self.start_runner()
+            self._stop_receiver = self._start_receiver()
+        except BaseException:
+            self.stop()
+            raise
+        self.state = StackState(
+            pid=os.getpid(),
+            api_url=self.api_url,
+            ui_url=ui_url_of(self.api_url),
+            ae_title=cfg.ae_title,
+            dicom_host=cfg.dicom_host,
+            dicom_port=cfg.dicom_port,
+            home=str(cfg.home),
+            database=cfg.database,
+            objects=cfg.objects,
+            started_at=dt.datetime.now(dt.UTC),
+            server_pid=self.server.process.pid if self.server else None,
+            runner_pid=self.runner.process.pid if self.runner else None,
+        )
+        write_state(cfg.home, self.state)
+        return self.state
+
+    # ------------------------------------------------------------------ run and stop
+
+    def check_children(self) -> None:
+        """Raise :class:`StackError` when the server or the runner has exited."""
+        for child in (self.server, self.runner):
+            if child is not None and child.process.poll() is not None:
+                raise StackError(f"{child.name} exited (code {child.process.returncode}); its log: {child.log_path}\n{child.tail()}")
+
+    def stop(self) -> None:
+        """Stop the receiver, then the runner (its flow runs end), then the server (idempotent)."""
+        if self._stop_receiver is not None:
+            stop, self._stop_receiver = self._stop_receiver, None
+            stop()
+        for child in (self.runner, self.server):
+            if child is not None:
+                log.info("stopping %s", child.name)
+                child.stop()
+        self.runner = self.server = None
+        stop_orphans(self.config.home)  # flow runs and jobs live in sessions of their own
+        if self.state is not None:
+            clear_state(self.config.home)
+            self.state = None
+
+
+# --------------------------------------------------------------------------- around the stack
+
+FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def _flow_run_state(api_url: str, flow_run_id: str | None) -> str | None:
+    """The state type of a flow run (``RUNNING`` …), or None when the server does not know it."""
+    if not flow_run_id:
+        return None
+    response = httpx.get(f"{api_url}/flow_runs/{flow_run_id}", timeout=10)
+    if response.status_code == 404:
+        return None
+    response.raise_for_status()
+    state = response.json().get("state") or {}
+    return state.get("type")
+
+
+def recover_interrupted_runs(stack: Stack, settings: Settings) -> list[str]:
+    """Start again the event-started runs that a stopped or killed stack left unfinished.
+
+    A claimed session still RUNNING whose flow run cannot be running any more (the server
+    and runner of this stack were restarted, or Prefect says the run ended) is marked crashed,
+    its claim released, its flow run marked Crashed, and a new run of the same deployment is
+    created for the same (series or study, revision). Returns the new flow run ids.
+    """
+    from dcmflow.wiring import repository_from
+
+    repository = repository_from(settings)
+    api = stack.api_url
+    own_server = stack.server is not None
+    started = []
+    for claim in repository.list_stale_claims():
+        state = _flow_run_state(api, claim.flow_run_id)
+        if state is not None and state not in FINAL_STATES and not own_server:
+            continue  # an external server: another runner may still be running it
+        reason = f"interrupted: dcmflow up was stopped while flow run {claim.flow_run_id} ran"
+        if not repository.release_claim(claim.session_id, reason=reason):
+            continue
+        if state is not None and state not in FINAL_STATES:
+            httpx.post(
+                f"{api}/flow_runs/{claim.flow_run_id}/set_state",
+                json={"state": {"type": "CRASHED", "message": reason}, "force": True},
+                timeout=10,
+            ).raise_for_status()
+        level_param = "series_uid" if claim.level == "series" else "study_uid"
+        deployment = "process-series/process-series" if claim.level == "series" else "process-study/process-study"
+        found = httpx.get(f"{api}/deployments/name/{deployment}", timeout=10)
+        found.raise_for_status()
+        created = httpx.post(
+            f"{api}/deployments/{found.json()['id']}/create_flow_run",
+            json={"parameters": {level_param: claim.uid, "revision": claim.revision, "trigger": "recovery"}},
+            timeout=10,
+        )
+        created.raise_for_status()
+        started.append(created.json()["id"])
+        log.warning(
+            "%s %s revision %d was interrupted (session %d): started it again as flow run %s",
+            claim.level, claim.uid, claim.revision, claim.session_id, created.json()["name"],
+        )
+    return started
+
+
+ACTION_FAILED = "prefect.automation.action.failed"
+
+
+def failed_actions(api_url: str, since: dt.datetime, limit: int = 50) -> list[dict[str, Any]]:
+    """Automation actions the server could not carry out since ``since`` (oldest first).
+
+    A trigger whose templated parameters the deployment refuses (a string for an int …)
+    leaves no flow run behind, only this event: ``up`` logs it and ``status`` shows it.
+    """
+    body = {
+        "filter": {"event": {"name": [ACTION_FAILED]}, "occurred": {"since": since.isoformat()}},
+        "limit": limit,
+    }
+    response = httpx.post(f"{api_url}/events/filter", json=body, timeout=10)
+    response.raise_for_status()
+    found = []
+    for event in response.json().get("events", []):
+        resource = event.get("resource", {})
+        payload = event.get("payload", {})
+        found.append(
+            {
+                "id": event["id"],
+                "occurred": event["occurred"],
+                "automation": resource.get("prefect.resource.name", resource.get("prefect.resource.id", "")),
+                "reason": payload.get("reason") or payload.get("action_type") or str(payload)[:300],
+            }
+        )
+    return sorted(found, key=lambda f: f["occurred"])
+
+
+def action_watcher(api_url: str) -> Callable[[], list[dict[str, Any]]]:
+    """A callable that logs (once each) the automation actions that failed since it was made."""
+    since = dt.datetime.now(dt.UTC)
+    seen: set[str] = set()
+
+    def check() -> list[dict[str, Any]]:
+        try:
+            new = [f for f in failed_actions(api_url, since) if f["id"] not in seen]
+        except httpx.HTTPError as exc:
+            log.debug("cannot read failed automation actions: %s", exc)
+            return []
+        for failure in new:
+            seen.add(failure["id"])
+            log.error("automation %r could not start its flow run: %s", failure["automation"], failure["reason"])
+        return new
+
+    return check
+
+
+def recent_flow_runs(api_url: str, limit: int = 10) -> list[dict[str, Any]]:
+    """The latest flow runs (newest first): name, deployment, state, start time and UI link."""
+    response = httpx.post(f"{api_url}/flow_runs/filter", json={"sort": "EXPECTED_START_TIME_DESC", "limit": limit}, timeout=10)
+    response.raise_for_status()
+    deployments: dict[str, str] = {}
+    runs = []
+    for run in response.json():
+        deployment_id = run.get("deployment_id")
+        if deployment_id and deployment_id not in deployments:
+            found = httpx.get(f"{api_url}/deployments/{deployment_id}", timeout=10)
+            deployments[deployment_id] = found.json().get("name", "") if found.status_code == 200 else ""
+        state = run.get("state") or {}
+        runs.append(
+            {
+                "id": run["id"],
+                "name": run["name"],
+                "deployment": deployments.get(deployment_id or "", ""),
+                "state": state.get("name", ""),
+                "state_type": state.get("type", ""),
+                "message": state.get("message") or "",
+                "start_time": run.get("start_time"),
+                "parameters": run.get("parameters", {}),
+                "url": f"{ui_url_of(api_url)}/runs/flow-run/{run['id']}",
+            }
+        )
+    return runs
+
+
+def collect_status(settings: Settings) -> dict[str, Any]:
+    """Everything ``dcmflow status`` prints, as plain data (``--json`` prints it as is)."""
+    from receiver.spool import Spool
+    from storage.models import SeriesState
+
+    from dcmflow.wiring import repository_from
+
+    home = settings.home.resolve()
+    state = read_state(home)
+    report: dict[str, Any] = {
+        "running": state is not None,
+        "home": str(home),
+        "stack": state.model_dump(mode="json") if state else None,
+        "prefect_healthy": False,
+        "flow_runs": [],
+        "failed_actions": [],
+    }
+    repository = repository_from(settings)
+    report["records"] = repository.count_records()
+    report["waiting"] = [
+        s.model_dump(mode="json", include={"series_uid", "modality", "instance_count", "last_received_at", "revision"})
+        for s in repository.list_series(limit=50, state=SeriesState.RECEIVING.value)
+    ]
+    report["spool_backlog"] = Spool(settings.spool_dir).count() if settings.spool_dir.is_dir() else 0
+    if state is not None:
+        report["prefect_healthy"] = _healthy(state.api_url)
+        if report["prefect_healthy"]:
+            report["flow_runs"] = recent_flow_runs(state.api_url)
+            report["failed_actions"] = failed_actions(state.api_url, state.started_at)
+    return report

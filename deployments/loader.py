@@ -1,0 +1,132 @@
+"""Read ``deployments/prefect.yaml`` and build the same deployments for ``dcmflow up`` to serve.
+
+``prefect.yaml`` is the one declaration of dcmflow's deployments and triggers: ``prefect
+deploy --all --prefect-file deployments/prefect.yaml`` deploys it to a work pool, and
+``dcmflow up`` serves it through :func:`runner_deployments`. Both validate each trigger with
+Prefect's own ``DeploymentTriggerTypes`` model and name unnamed triggers the way ``prefect
+deploy`` does, so a served trigger and a deployed one are the same automation. Nothing here
+decides anything: the flows live in ``flows/``, the stack in ``dcmflow/``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+if TYPE_CHECKING:
+    from prefect.deployments.runner import RunnerDeployment
+    from prefect.events import DeploymentTriggerTypes
+
+__all__ = ["PREFECT_YAML", "DeploymentSpec", "read_specs", "build_triggers", "runner_deployments", "DeclarationError"]
+
+PREFECT_YAML = Path(__file__).with_name("prefect.yaml")
+"""The declaration, packaged with dcmflow."""
+
+
+class DeclarationError(ValueError):
+    """``prefect.yaml`` does not declare deployments the way the loader needs (one line)."""
+
+
+@dataclass(frozen=True)
+class DeploymentSpec:
+    """One ``deployments:`` entry of ``prefect.yaml``, the fields that serving uses."""
+
+    name: str
+    entrypoint: str
+    """Module path of the flow, e.g. ``flows.process.process_series``."""
+    flow_name: str
+    """The flow's own name (``flows.process.process_series`` → ``process-series``)."""
+    description: str = ""
+    tags: list[str] = field(default_factory=list)
+    triggers: list[dict[str, Any]] = field(default_factory=list)
+    parameters: dict[str, Any] = field(default_factory=dict)
+    concurrency_limit: int | None = None
+
+    @property
+    def full_name(self) -> str:
+        """``flow-name/deployment-name``, as ``prefect deployment run`` takes it."""
+        return f"{self.flow_name}/{self.name}"
+
+
+def _flow_name(entrypoint: str) -> str:
+    """The ``@flow(name=...)`` convention of ``flows/``: the function name with dashes."""
+    return entrypoint.rsplit(".", 1)[-1].replace("_", "-")
+
+
+def read_specs(path: Path = PREFECT_YAML) -> list[DeploymentSpec]:
+    """The deployments declared in ``path`` (plain data; Prefect is not imported).
+
+    Raises
+    ------
+    DeclarationError
+        The file is missing, not YAML, or an entry lacks a name or a module-path entrypoint.
+    """
+    try:
+        document = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise DeclarationError(f"cannot read {path}: {exc}") from None
+    entries = (document or {}).get("deployments") or []
+    specs = []
+    for index, entry in enumerate(entries, start=1):
+        name, entrypoint = entry.get("name"), entry.get("entrypoint")
+        if not name or not entrypoint or ":" in entrypoint or entrypoint.endswith(".py"):
+            raise DeclarationError(
+                f"{path}: deployment #{index} needs a name and a module-path entrypoint (package.module.flow)"
+            )
+        specs.append(
+            DeploymentSpec(
+                name=name,
+                entrypoint=entrypoint,
+                flow_name=_flow_name(entrypoint),
+                description=" ".join(str(entry.get("description") or "").split()),
+                tags=list(entry.get("tags") or []),
+                triggers=[dict(t) for t in entry.get("triggers") or []],
+                parameters=dict(entry.get("parameters") or {}),
+                concurrency_limit=entry.get("concurrency_limit"),
+            )
+        )
+    return specs
+
+
+def build_triggers(spec: DeploymentSpec) -> list[DeploymentTriggerTypes]:
+    """The spec's triggers as Prefect models, named as ``prefect deploy`` names them."""
+    from prefect.events import DeploymentTriggerTypes
+    from pydantic import TypeAdapter
+
+    adapter: TypeAdapter[Any] = TypeAdapter(DeploymentTriggerTypes)
+    triggers = []
+    for index, trigger in enumerate(spec.triggers, start=1):
+        values = {"name": f"{spec.name}__automation_{index}", **trigger}
+        triggers.append(adapter.validate_python(values))
+    return triggers
+
+
+def runner_deployments(path: Path = PREFECT_YAML) -> list[RunnerDeployment]:
+    """Every deployment of ``path`` as a ``RunnerDeployment`` for ``prefect.serve``.
+
+    The entrypoint is recorded as the module path (not a file of this checkout), so a run
+    starts wherever dcmflow is installed.
+    """
+    from prefect.flows import load_flow_from_entrypoint
+    from prefect.types.entrypoint import EntrypointType
+
+    deployments = []
+    for spec in read_specs(path):
+        flow = load_flow_from_entrypoint(spec.entrypoint, use_placeholder_flow=False)
+        if flow.name != spec.flow_name:
+            raise DeclarationError(f"{path}: {spec.entrypoint} is flow {flow.name!r}, expected {spec.flow_name!r}")
+        deployments.append(
+            flow.to_deployment(
+                name=spec.name,
+                description=spec.description or None,
+                tags=spec.tags,
+                parameters=spec.parameters or None,
+                triggers=build_triggers(spec),
+                concurrency_limit=spec.concurrency_limit,
+                entrypoint_type=EntrypointType.MODULE_PATH,
+            )
+        )
+    return deployments
