@@ -9,7 +9,8 @@ Every message is one line a person can act on, so the CLI prints ``str(exc)`` an
     ├── JobFailedError         a job's process exited non-zero or was killed by a signal
     │   └── JobTimedOutError   a job ran past its timeout; its process group was killed
     ├── EnvironmentBuildError  a service's virtual environment could not be built
-    └── SendError              an output could not be sent to a DICOM peer (after retries)
+    ├── SendError              an output could not be sent to a DICOM peer (after retries)
+    └── WebhookError           a study card could not be POSTed to the study webhook
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ __all__ = [
     "JobTimedOutError",
     "EnvironmentBuildError",
     "SendError",
+    "WebhookError",
 ]
 
 
@@ -53,3 +55,11 @@ class EnvironmentBuildError(TaskError):
 
 class SendError(TaskError):
     """An output could not be sent to a DICOM peer, after every retry."""
+
+
+class WebhookError(TaskError):
+    """The study card could not be POSTed to the webhook (``retryable``: worth another try)."""
+
+    def __init__(self, message: str, *, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable

@@ -34,7 +34,7 @@ from prefect.tasks import exponential_backoff
 from storage.keys import validate_uid
 
 from tasks._storage import RuntimeSettings, repository_of
-from tasks.errors import SeriesNotFoundError, TaskError
+from tasks.errors import SeriesNotFoundError, WebhookError
 
 if TYPE_CHECKING:
     from prefect import Task
@@ -68,14 +68,6 @@ _SERIES_PAGE = 1000
 # PS3.5 §6.2 DA: YYYYMMDD; "YYYY.MM.DD" is the ACR-NEMA form older devices still send.
 _RE_DA = re.compile(r"^(\d{4})\.?(\d{2})\.?(\d{2})$")
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]<>|~])")  # enough inside a table cell: no emphasis, link, HTML
-
-
-class WebhookError(TaskError):
-    """The study card could not be POSTed to the webhook (``retryable``: worth another try)."""
-
-    def __init__(self, message: str, *, retryable: bool) -> None:
-        super().__init__(message)
-        self.retryable = retryable
 
 
 class WebhookSettings(Protocol):
