@@ -1,10 +1,26 @@
 """The processing flows: ``process_series``, ``process_study`` and ``reprocess``.
 
-Each is the same short sequence (STYLE.md §9): load the headers, evaluate callbacks and plan
-the DAG, record a session, materialise the files, run the DAG (:mod:`flows._dag`), publish
-the job table and DAG artifacts, close the session. The flow run ends **Failed** when any
-job failed or timed out (or an output could not be sent), **Completed** otherwise; the Job
-records say what happened to each job.
+Each is the same short sequence (STYLE.md §9): load the headers, record a session, evaluate
+callbacks and plan the DAG, record the jobs, materialise the files, run the DAG
+(:mod:`flows._dag`), publish the job table and DAG artifacts, close the session. The flow run
+ends **Failed** when any job failed or timed out (or an output could not be sent),
+**Completed** otherwise; the Job records say what happened to each job.
+
+Exactly once per (series or study, revision): a run given a ``revision`` (the triggers of
+``deployments/prefect.yaml`` always give one) claims it when it records its session
+(:meth:`storage.repository.Repository.claim_session`, a unique key in the records database),
+before any job is planned or recorded. So however often, or however concurrently, a trigger
+fires for one revision, one run does the work; the others end at once:
+
+* the revision already has a session (running or finished): **Completed**, message
+  ``series <uid> revision <n> already processed by flow run <id> (session <s>, <state>)``;
+* a newer revision arrived since: **Completed** named ``Superseded``, message
+  ``series <uid> revision <n> superseded by revision <m>``;
+* the revision does not exist yet: **Failed**, ``series <uid> has no revision <n> (current
+  revision <m>)``.
+
+Runs without a revision (``dcmflow process``, ``reprocess``, a deployment run by hand) always
+run, as a new session of the current revision.
 """
 
 from __future__ import annotations
@@ -16,7 +32,16 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from tasks.jobs import finish_session, load_target, materialise, plan_jobs, publish_artifacts, start_session
+from tasks.context import EarlierRun, PlannedRun, Target
+from tasks.jobs import (
+    finish_session,
+    load_target,
+    materialise,
+    plan_jobs,
+    publish_artifacts,
+    record_jobs,
+    start_session,
+)
 
 from flows._dag import run_dag
 from flows._settings import load_settings, max_parallel_jobs
@@ -45,12 +70,12 @@ def _run_name(level: str, uid_param: str) -> Any:
                 record = repository.get_series(uid)
                 if record is not None:
                     words = [record.modality or "series", repr(record.description or "")]
-                    revision = revision or record.revision
+                    revision = record.revision if revision is None else revision
             else:
                 study = repository.get_study(uid)
                 if study is not None:
                     words = ["study", study.modalities or "", repr(study.description or "")]
-                    revision = revision or study.revision
+                    revision = study.revision if revision is None else revision
         except Exception:  # noqa: BLE001 - a name must never fail the run
             pass
         jobs = params.get("only_jobs")
@@ -58,6 +83,19 @@ def _run_name(level: str, uid_param: str) -> Any:
         return " ".join(w for w in [*words, _short(uid), f"r{revision or 1}"] if w) + suffix
 
     return name
+
+
+def _revision_state(target: Target) -> State | None:
+    """The final state of a run for a revision that is not the current one (else ``None``)."""
+    what = f"{target.level} {target.uid}"
+    if target.revision < target.current_revision:
+        return Completed(
+            name="Superseded",
+            message=f"{what} revision {target.revision} superseded by revision {target.current_revision}",
+        )
+    if target.revision > target.current_revision:
+        return Failed(message=f"{what} has no revision {target.revision} (current revision {target.current_revision})")
+    return None
 
 
 def run_processing(
@@ -73,15 +111,22 @@ def run_processing(
     settings = load_settings()
     parallel = min(max_parallel_jobs(settings, max_parallel), MAX_POOL_THREADS)
     target = load_target(settings, level, uid, revision)
-    planned = plan_jobs(settings, target, only_jobs)
-    run, planned = start_session(settings, target, planned, trigger)
+    if revision is not None and (other := _revision_state(target)) is not None:
+        return other
+    run = start_session(settings, target, trigger, claim=revision is not None)
+    if isinstance(run, EarlierRun):
+        return Completed(message=run.message, data={"session_id": run.session_id, "flow_run_id": run.flow_run_id})
     failed = True
+    planned: PlannedRun | None = None
     try:
+        planned = plan_jobs(settings, target, only_jobs)
+        run, planned = record_jobs(settings, run, planned)
         materialise(settings, run)
         outcome = run_dag(settings, run, planned, parallel)
         failed = bool(outcome.failed or outcome.send_errors)
     finally:
-        publish_artifacts(settings, run, planned, target)
+        if planned is not None:
+            publish_artifacts(settings, run, planned, target)
         finish_session(settings, run, failed)
     summary = {
         "session_id": run.session_id,

@@ -41,10 +41,12 @@ __all__ = [
     "PlannedJob",
     "PlannedRun",
     "SessionRun",
+    "EarlierRun",
     "load_series_target",
     "load_study_target",
     "plan_target",
     "open_session",
+    "record_jobs",
     "study_dcmpath",
 ]
 
@@ -60,12 +62,18 @@ class Target(BaseModel):
     level: Literal["series", "study"]
     study_uid: str
     series_uid: str | None
-    revision: int
+    revision: int  # the revision the run is for (its ``revision`` parameter, else the current one)
     headers: dict[str, Any]
     series: list[str]
     modality: str
     description: str
     instances: int
+    current_revision: int  # the series'/study's revision when the headers were read
+
+    @property
+    def uid(self) -> str:
+        """The series UID of a series target, the study UID of a study target."""
+        return self.series_uid if self.level == "series" and self.series_uid else self.study_uid
 
 
 class PlannedJob(BaseModel):
@@ -114,6 +122,24 @@ class SessionRun(BaseModel):
     data_dir: str
     modules_dir: str
     logs_dir: str
+    flow_run_id: str | None = None
+
+
+class EarlierRun(BaseModel):
+    """The session that already holds the claim of a run's (level, uid, revision)."""
+
+    level: Literal["series", "study"]
+    uid: str
+    revision: int
+    session_id: int
+    flow_run_id: str | None
+    state: str
+
+    @property
+    def message(self) -> str:
+        """``series 1.2.3 revision 2 already processed by flow run <id> (session 7, completed)``."""
+        by = f"flow run {self.flow_run_id}" if self.flow_run_id else "a run outside Prefect"
+        return f"{self.level} {self.uid} revision {self.revision} already processed by {by} (session {self.session_id}, {self.state})"
 
 
 def _read_header(store: ObjectStore, key: str) -> pydicom.Dataset:
@@ -143,6 +169,7 @@ def load_series_target(repository: Repository, store: ObjectStore, series_uid: s
         study_uid=series.study_uid,
         series_uid=series_uid,
         revision=revision if revision is not None else series.revision,
+        current_revision=series.revision,
         headers=headers,
         series=[series_uid],
         modality=series.modality or str(headers.get("Modality", "")),
@@ -180,6 +207,7 @@ def load_study_target(repository: Repository, store: ObjectStore, study_uid: str
         study_uid=study_uid,
         series_uid=None,
         revision=revision if revision is not None else study.revision,
+        current_revision=study.revision,
         headers=headers,
         series=[s.series_uid for s, _ in counted],
         modality=study.modalities or first.modality,
@@ -267,71 +295,115 @@ def plan_target(specs: Sequence[ServiceSpec], target: Target, *, only_jobs: Coll
 def open_session(
     repository: Repository,
     target: Target,
-    planned: PlannedRun,
     *,
     sessions_dir: Path,
     trigger: str,
     flow_run_id: str | None,
-) -> tuple[SessionRun, PlannedRun]:
-    """Record a Session and one pending Job per planned job; lay out the session's folders.
+    claim: bool,
+) -> SessionRun | EarlierRun:
+    """Record the run's Session (claiming its revision) and lay out the session's folders.
+
+    Parameters
+    ----------
+    claim
+        Claim ``(target.level, uid, target.revision)`` (:meth:`Repository.claim_session`):
+        for a run started by a trigger, so the same revision is processed once. A manual run
+        (``claim=False``) always gets a new session.
 
     Returns
     -------
-    tuple
-        The session, and ``planned`` with every job's record id filled in.
+    SessionRun | EarlierRun
+        The new session (headers recorded, no jobs yet: :func:`record_jobs`), or, when the
+        claim is held, the earlier session that holds it (nothing was written).
     """
-    session = repository.create_session(
-        series_uid=target.series_uid,
-        study_uid=target.study_uid,
-        revision=target.revision,
-        trigger=trigger,
-        flow_run_id=flow_run_id,
-    )
-    from storage.models import JobBase
-
-    records = repository.create_jobs(
-        session.id,
-        [
-            JobBase(
-                service_name=job.service,
-                service_version=job.service_version,
-                job_name=job.name,
-                series_uid=target.series_uid,
-                study_uid=target.study_uid,
+    if claim:
+        claimed = repository.claim_session(
+            target.level,
+            target.uid,
+            target.revision,
+            study_uid=target.study_uid,
+            trigger=trigger,
+            flow_run_id=flow_run_id,
+        )
+        if not claimed.claimed:
+            earlier = claimed.session
+            return EarlierRun(
+                level=target.level,
+                uid=target.uid,
                 revision=target.revision,
-                priority_rank=job.rank,
-                timeout_seconds=math.ceil(job.timeout),
-                max_retries=job.retries,
-                flow_run_id=flow_run_id,
+                session_id=earlier.id,
+                flow_run_id=earlier.flow_run_id,
+                state=earlier.state,
             )
-            for job in planned.jobs
-        ],
-    )
-    ids = {r.job_name: r.id for r in records}
-    planned = planned.model_copy(update={"jobs": [j.model_copy(update={"job_id": ids[j.name]}) for j in planned.jobs]})
+        session = claimed.session
+    else:
+        session = repository.create_session(
+            series_uid=target.series_uid,
+            study_uid=target.study_uid,
+            revision=target.revision,
+            trigger=trigger,
+            flow_run_id=flow_run_id,
+        )
     repository.put_session_data(session.id, "headers", target.headers)
-    repository.put_session_data(session.id, "added_params", planned.added_params)
-    repository.put_session_data(session.id, "rejected", planned.rejected)
     work = sessions_dir / str(session.id)
     folders = {name: work / name for name in ("data", "modules", "logs")}
     for folder in folders.values():
         folder.mkdir(parents=True, exist_ok=True)
-    for job in planned.jobs:  # $MODULES/<service> is the service's module/ folder, as the seed installs it
-        if job.module_dir and job.service:
-            link = folders["modules"] / job.service
-            if not link.exists():
-                os.symlink(job.module_dir, link, target_is_directory=True)
-    run = SessionRun(
+    return SessionRun(
         session_id=session.id,
         level=target.level,
         study_uid=target.study_uid,
         series_uid=target.series_uid,
         revision=target.revision,
         headers=target.headers,
-        added_params=planned.added_params,
+        added_params={},
         work_dir=str(work),
         data_dir=str(folders["data"]),
         modules_dir=str(folders["modules"]),
         logs_dir=str(folders["logs"]),
+        flow_run_id=flow_run_id,
     )
-    return run, planned
+
+
+def record_jobs(repository: Repository, run: SessionRun, planned: PlannedRun) -> tuple[SessionRun, PlannedRun]:
+    """Record one pending Job per planned job of the session, its ``added_params``, the rejected jobs.
+
+    Also links each job's service ``module/`` folder as ``$MODULES/<service>``, as the seed
+    installs it.
+
+    Returns
+    -------
+    tuple
+        ``run`` with the final ``added_params``, and ``planned`` with every job's record id.
+    """
+    from storage.models import JobBase
+
+    records = repository.create_jobs(
+        run.session_id,
+        [
+            JobBase(
+                service_name=job.service,
+                service_version=job.service_version,
+                job_name=job.name,
+                series_uid=run.series_uid,
+                study_uid=run.study_uid,
+                revision=run.revision,
+                priority_rank=job.rank,
+                timeout_seconds=math.ceil(job.timeout),
+                max_retries=job.retries,
+                flow_run_id=run.flow_run_id,
+            )
+            for job in planned.jobs
+        ],
+    )
+    ids = {r.job_name: r.id for r in records}
+    planned = planned.model_copy(update={"jobs": [j.model_copy(update={"job_id": ids[j.name]}) for j in planned.jobs]})
+    repository.put_session_data(run.session_id, "added_params", planned.added_params)
+    repository.put_session_data(run.session_id, "rejected", planned.rejected)
+    modules = Path(run.modules_dir)
+    for job in planned.jobs:
+        if job.module_dir and job.service:
+            link = modules / job.service
+            if not link.exists():
+                os.symlink(job.module_dir, link, target_is_directory=True)
+    return run.model_copy(update={"added_params": planned.added_params}), planned

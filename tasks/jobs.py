@@ -4,8 +4,9 @@
 task                          does
 ============================  ====================================================
 :func:`load_target`           reads the headers of a series or study
+:func:`start_session`         records the Session, claiming (level, uid, revision)
 :func:`plan_jobs`             evaluates callbacks, plans the DAG (no side effect)
-:func:`start_session`         records the Session and its pending Jobs
+:func:`record_jobs`           records the session's pending Jobs
 :func:`materialise`           puts the received files under ``$DATA/<dcmpath>``
 :func:`run_job`               runs one job in its own process; keeps outputs and log
 :func:`record_skipped`        records jobs that will never run
@@ -35,6 +36,7 @@ from storage.models import JobState, SessionState
 
 from tasks._storage import RuntimeSettings, repository_of, store_of, work_dirs
 from tasks.context import (
+    EarlierRun,
     PlannedJob,
     PlannedRun,
     SessionRun,
@@ -43,6 +45,7 @@ from tasks.context import (
     load_study_target,
     open_session,
     plan_target,
+    record_jobs as record_session_jobs,
 )
 from tasks.errors import JobFailedError, JobTimedOutError, SendError, TaskError
 from tasks.execution import JobProcess, run_job_process
@@ -65,6 +68,7 @@ __all__ = [
     "load_target",
     "plan_jobs",
     "start_session",
+    "record_jobs",
     "materialise",
     "run_job",
     "record_skipped",
@@ -99,19 +103,28 @@ def plan_jobs(settings: RuntimeSettings, target: Target, only_jobs: list[str] | 
 
 
 @task(name="start-session", cache_policy=NO_CACHE)
-def start_session(settings: RuntimeSettings, target: Target, planned: PlannedRun, trigger: str) -> tuple[SessionRun, PlannedRun]:
-    """Record the Session and one pending Job per planned job."""
+def start_session(settings: RuntimeSettings, target: Target, trigger: str, claim: bool) -> SessionRun | EarlierRun:
+    """Record the run's Session; with ``claim``, only if its (level, uid, revision) has none yet.
+
+    Returns the new session, or the earlier session holding the claim (nothing recorded).
+    """
     from prefect.runtime import flow_run
 
     flow_run_id = str(flow_run.id) if flow_run.id else None
     return open_session(
         repository_of(settings),
         target,
-        planned,
         sessions_dir=work_dirs(settings)["sessions"],
         trigger=trigger,
         flow_run_id=flow_run_id,
+        claim=claim,
     )
+
+
+@task(name="record-jobs", cache_policy=NO_CACHE)
+def record_jobs(settings: RuntimeSettings, run: SessionRun, planned: PlannedRun) -> tuple[SessionRun, PlannedRun]:
+    """Record one pending Job per planned job; the run with its ``added_params``, jobs with ids."""
+    return record_session_jobs(repository_of(settings), run, planned)
 
 
 @task(name="materialise-files", cache_policy=NO_CACHE)
