@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from dcmflow import __version__
-from dcmflow.cli import db, importer, jobs, process, receive, selfcheck, series, services, up
+from dcmflow.cli import db, demo, importer, jobs, process, receive, selfcheck, series, services, up
 
 app = typer.Typer(
     name="dcmflow",
@@ -28,6 +28,7 @@ def _root() -> None:
 app.command(name="up")(up.up)
 app.command(name="status")(up.status)
 app.command(name="serve-flows", hidden=True)(up.serve_flows)
+app.command(name="demo")(demo.demo)
 app.command(name="receive")(receive.receive)
 app.add_typer(db.app, name="db")
 app.add_typer(services.app, name="services")

@@ -11,9 +11,12 @@ import functools
 import logging
 import os
 import signal
+import subprocess
+import sys
 import time
 from typing import TYPE_CHECKING, Any
 
+import httpx
 import typer
 
 from dcmflow.cli._common import load_settings, open_repository
@@ -29,6 +32,9 @@ if TYPE_CHECKING:
 __all__ = ["up", "status", "serve_flows"]
 
 log = logging.getLogger("dcmflow.up")
+
+DCMFLOW_COMMAND = [sys.executable, "-c", "from dcmflow.cli import main; main()"]
+"""``dcmflow`` with this interpreter (no reliance on PATH)."""
 
 ACTION_CHECK_SECONDS = 5.0
 """How often ``up`` looks for automation actions the server could not carry out."""
@@ -55,7 +61,7 @@ def _banner(stack: Stack, settings: Settings) -> None:
         f"  series stable after {settings.stable_age:g} s of quiet (DCMFLOW_STABLE_AGE) or their expected count",
         "  try it: dcmflow demo   ·   what runs: dcmflow status   ·   stop: Ctrl-C",
     ]
-    stdout.print("\n".join(lines), highlight=False)
+    stdout.print("\n".join(lines), highlight=False, soft_wrap=True)
 
 
 def _start_receiver(settings: Settings, api_url: str) -> Callable[[], None]:
@@ -74,6 +80,9 @@ def up(
     dicom_port: int | None = typer.Option(None, "--port", "-p", help="DICOM port (default DCMFLOW_DICOM_PORT, 11112)."),
     prefect_port: int | None = typer.Option(
         None, "--prefect-port", help="Port of the Prefect server started here (default DCMFLOW_PREFECT_PORT, 4200)."
+    ),
+    demo: bool = typer.Option(
+        False, "--demo", help="Once up, send a synthetic CT study and show it processed (`dcmflow demo`); keep running."
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:
@@ -117,17 +126,26 @@ def up(
 
     previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     stack = Stack(config, lambda: _start_receiver(settings, stack.api_url))
+    demo_run: subprocess.Popen[bytes] | None = None
     try:
         stack.start()
         _banner(stack, settings)
         from dcmflow.stack import action_watcher, recover_interrupted_runs
 
-        recover_interrupted_runs(stack, settings)
+        try:
+            recover_interrupted_runs(stack, settings)
+        except httpx.HTTPError as exc:
+            log.error("could not restart interrupted runs (they stay marked running): %s", exc)
+        demo_run = subprocess.Popen([*DCMFLOW_COMMAND, "demo"], env=stack.child_env()) if demo else None
         watcher = action_watcher(stack.api_url)
         next_check = 0.0
         while not stopping:
             time.sleep(0.2)
             stack.check_children()
+            if demo_run is not None and demo_run.poll() is not None:
+                outcome = "the demo study was processed" if demo_run.returncode == 0 else "the demo failed (see above)"
+                log.info("%s; still receiving on port %d (Ctrl-C stops)", outcome, settings.dicom_port)
+                demo_run = None
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + ACTION_CHECK_SECONDS
                 watcher()
@@ -136,6 +154,9 @@ def up(
         stack.stop()
         fail(str(exc))
     finally:
+        if demo_run is not None and demo_run.poll() is None:
+            demo_run.terminate()
+            demo_run.wait(timeout=10)
         stack.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
