@@ -1,8 +1,15 @@
-"""The Prefect events of DESIGN.md, built as plain data and sent with ``prefect.events.emit_event``.
+"""The Prefect events of DESIGN.md, built as plain data and sent to Prefect's public REST API.
+
+:class:`PrefectEmitter` sends them with ``POST {PREFECT_API_URL}/events`` (a JSON array of
+``prefect.events.Event``); the server answers 204 once the batch is published to its event
+pipeline, and that answer is the confirmation the completeness monitor waits for before it
+marks an event emitted. No Prefect client internals are used, so a Prefect upgrade that keeps
+its REST API keeps the emitter working.
 
 This is the only module of :mod:`receiver` that imports Prefect (``tests/test_layout.py``
-enforces it), and it imports it lazily, inside :class:`PrefectEmitter`, so a receiver without
-Prefect configured never pays for ``import prefect``.
+enforces it), and it imports it (and ``httpx``) lazily, when a :class:`PrefectEmitter` is
+built, so importing the builders costs nothing and a receiver without the completeness monitor
+never pays for ``import prefect``.
 
 Events
 ------
@@ -26,18 +33,35 @@ Idempotent ids
 --------------
 Every event's id is :func:`event_id` = ``uuid5(NAMESPACE, "<event>/<resource id>/<revision>")``,
 the same however often, by whichever receiver, the event is sent. The completeness monitor
-is at-least-once (it marks an event emitted only after it was handed to Prefect and flushed,
-and re-sends claims that were never marked); the fixed id is what makes a re-send harmless:
-the Prefect server drops an id it has seen (messaging de-duplication and ``ON CONFLICT DO
-NOTHING`` in its event store), so a re-sent event creates no second flow run
-(reference/prefect.md §1.1, verified there and in ``tests/receiver/test_events.py``).
+is at-least-once (it marks an event emitted only after :meth:`PrefectEmitter.flush` returned
+True, i.e. the server accepted it, and re-sends claims that were never marked); the fixed id is
+what makes a re-send harmless: the Prefect server drops an id it has seen (messaging
+de-duplication, in server memory for minutes, and ``ON CONFLICT DO NOTHING`` in its event
+store), so a re-sent event creates no second flow run (reference/prefect.md §1.1 and the
+"Duplicates" measurements there; verified in ``tests/receiver/test_events.py``).
+
+Delivery
+--------
+``emit`` buffers, ``flush`` POSTs the buffer in chunks and returns True only when every chunk
+was answered 2xx. What a 204 confirms is what ``create_events`` does: the batch passed the
+server's validation and was published to its messaging layer. With Prefect's default
+in-memory broker a server killed in the next moment can still lose it before storing it or
+running its automations; that window is Prefect's, not ours (a durable broker such as
+``prefect-redis`` closes it).
+
+When the server is unreachable or answers an error, ``flush`` returns False and the monitor
+re-sends later; the emitter logs one warning when such an outage starts (with the reason) and
+one info line when delivery works again. Without ``PREFECT_API_URL`` it warns once, when it is
+built, and refuses every event without trying the network.
 """
 
 from __future__ import annotations
 
-import contextlib
+import base64
 import datetime as dt
+import json
 import logging
+import re
 import threading
 import time
 import uuid
@@ -46,6 +70,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    import httpx
+
     from storage.repository import SeriesClaim, StudyClaim
 
 __all__ = [
@@ -65,6 +91,7 @@ __all__ = [
     "study_received_event",
     "RecordingEmitter",
     "PrefectEmitter",
+    "DEFAULT_CHUNK_SIZE",
 ]
 
 log = logging.getLogger("receiver.events")
@@ -85,7 +112,7 @@ MAX_ADDED_SOP_UIDS = 500
 
 @dataclass(frozen=True)
 class EventSpec:
-    """One event as plain data: exactly the arguments of ``prefect.events.emit_event``.
+    """One event as plain data: the fields of ``prefect.events.Event``.
 
     Attributes
     ----------
@@ -131,7 +158,8 @@ class StudySeen:
 
 
 class Emitter(Protocol):
-    """Sends events. ``emit`` hands one over; ``flush`` confirms everything handed over was sent.
+    """Sends events. ``emit`` hands one over; ``flush`` confirms everything handed over since the
+    last ``flush`` was sent.
 
     The completeness monitor marks a claim emitted only when ``emit`` returned True for its
     event and the following ``flush`` returned True.
@@ -142,7 +170,7 @@ class Emitter(Protocol):
         ...
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until every handed-over event was sent; False on failure or timeout (logged)."""
+        """Send every event handed over since the last flush; False on failure or timeout (logged)."""
         ...
 
 
@@ -423,151 +451,384 @@ class RecordingEmitter:
             return [e for e in self.events if e.event == event]
 
 
-class _FailureCounter(logging.Handler):
-    """Counts the errors Prefect's EventsWorker logs when it drops an event it could not send."""
+DEFAULT_CHUNK_SIZE = 100
+"""Events per ``POST /events`` request."""
 
-    def __init__(self) -> None:
-        super().__init__(level=logging.ERROR)
-        self.count = 0
+DEFAULT_CHUNK_BYTES = 8_000_000
+"""Upper bound of one request body (a chunk closes early when its events are large)."""
 
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            text = record.getMessage()
-        except Exception:  # pragma: no cover - a broken record is still a failure
-            text = "EventsWorker"
-        if "EventsWorker" in text:
-            self.count += 1
+DEFAULT_CONNECT_TIMEOUT = 5.0
+"""Seconds to open a connection to the Prefect API (bounded by ``flush``'s own timeout)."""
+
+DEFAULT_REQUEST_TIMEOUT = 30.0
+"""Seconds one request may take (bounded by the time ``flush`` has left)."""
+
+_OFF_MESSAGE = (
+    "events are off: no PREFECT_API_URL; series are declared stable but no flow starts (dcmflow up sets it)"
+)
+
+
+class _Undelivered(Exception):
+    """A chunk that did not reach the server's event pipeline; ``reason`` says why, for people."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _Rejected(Exception):
+    """A chunk the server refused because of what some of its events contain (HTTP 422, or 413
+    for a single event)."""
+
+    def __init__(self, reasons: dict[uuid.UUID, str]) -> None:
+        super().__init__(f"{len(reasons)} event(s) refused")
+        self.reasons = reasons
 
 
 class PrefectEmitter:
-    """Sends :class:`EventSpec` with ``prefect.events.emit_event`` (id = the deterministic uuid5).
+    """Sends :class:`EventSpec` to the Prefect API's ``POST /events`` route and confirms delivery.
 
-    ``emit_event`` is fire-and-forget: it queues the event on Prefect's background
-    ``EventsWorker`` and swallows errors (returning ``None`` when events are disabled). So:
+    The route (``create_events`` in ``prefect/server/api/events.py``) takes a JSON array of
+    ``prefect.events.Event`` and answers 204 once the batch is published to the server's event
+    pipeline (the one that stores events and fires automations). That answer is the
+    confirmation ``flush`` waits for; nothing of Prefect's client-side machinery is used.
 
-    * ``emit`` returns False, with one warning, whenever ``emit_event`` returns ``None`` or
-      raises; with no API URL at all it returns False without starting Prefect's ephemeral
-      server (which ``emit_event`` would otherwise do inside the receiver), warning once;
-    * ``flush`` waits until the worker's queue is empty and returns False (one warning) if it
-      timed out, the worker died, or it logged a dropped event meanwhile;
-    * an id queued twice before a ``flush`` is queued once;
-    * ``close`` drains the worker (``EventsWorker.drain_all``), which a short-lived process
-      must call before exiting or queued events are lost.
+    * ``emit`` validates the event as a ``prefect.events.Event`` and buffers it in memory (an
+      id buffered twice is kept once). It returns False, logged, when it certainly will not be
+      sent: no API URL, an event Prefect's model refuses or that is larger than
+      ``PREFECT_EVENTS_MAXIMUM_SIZE_BYTES`` (the server would drop it silently), or an id the
+      server refused before in this process (HTTP 422; 413 for that event alone).
+    * ``flush`` POSTs the buffer in chunks of :data:`DEFAULT_CHUNK_SIZE` events and returns
+      True only when every chunk got a 2xx answer within ``timeout``; the buffer is emptied
+      either way (the completeness monitor re-emits what it could not mark). A chunk a proxy
+      finds too large (HTTP 413) is split in halves and sent again.
+    * Logging: with no API URL, one warning when the emitter is built; when the server is
+      unreachable or answers an error, one warning when the outage starts (with the reason)
+      and one info line when delivery works again; an event the server refuses as invalid
+      (HTTP 422) is named, with the reason, once.
+
+    Authentication is that of Prefect's own clients: ``PREFECT_API_AUTH_STRING``
+    (``user:password``, HTTP basic) wins over ``PREFECT_API_KEY`` (bearer token); TLS follows
+    ``PREFECT_API_TLS_INSECURE_SKIP_VERIFY`` and ``PREFECT_API_SSL_CERT_FILE``. All are read
+    through ``prefect.settings`` when the emitter is built (environment or active profile).
 
     Parameters
     ----------
     api_url : str, optional
-        The Prefect API (``http://host:4200/api``). When omitted, Prefect's own configuration
-        (``PREFECT_API_URL`` or the active profile) decides. When given, the events worker is
-        started with it (Prefect keeps one events worker per process: use one URL per process).
+        The Prefect API (``http://host:4200/api``). When omitted, Prefect's configuration
+        (``PREFECT_API_URL`` or the active profile) decides; when given, it wins.
+    chunk_size : int
+        Events per request.
     """
 
-    def __init__(self, api_url: str | None = None) -> None:
-        from prefect._internal.concurrency import logger as services_logger
-        from prefect.events.worker import EventsWorker
-        from prefect.settings import PREFECT_API_URL
+    def __init__(self, api_url: str | None = None, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+        from prefect.settings import (  # imports Prefect (seconds): only when an emitter is built
+            PREFECT_API_AUTH_STRING,
+            PREFECT_API_KEY,
+            PREFECT_API_SSL_CERT_FILE,
+            PREFECT_API_TLS_INSECURE_SKIP_VERIFY,
+            PREFECT_API_URL,
+            PREFECT_EVENTS_MAXIMUM_SIZE_BYTES,
+        )
 
-        self._explicit_url = api_url
-        self.api_url = api_url or PREFECT_API_URL.value()
-        self._worker_cls: Any = EventsWorker
-        self._failures = _FailureCounter()
-        services_logger.addHandler(self._failures)
-        self._services_logger = services_logger
-        self._warned_disabled = False
-        self._queued: set[uuid.UUID] = set()
-        self._lock = threading.Lock()
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be at least 1, not {chunk_size}")
+        url = api_url or PREFECT_API_URL.value() or ""
+        self.api_url: str = url.rstrip("/")
+        self.chunk_size = chunk_size
+        self.max_event_bytes: int = PREFECT_EVENTS_MAXIMUM_SIZE_BYTES.value()
+        self._auth_string: str | None = PREFECT_API_AUTH_STRING.value()
+        self._api_key: str | None = PREFECT_API_KEY.value()
+        self._insecure: bool = bool(PREFECT_API_TLS_INSECURE_SKIP_VERIFY.value())
+        self._cert_file: str | None = PREFECT_API_SSL_CERT_FILE.value()
+        self._client: httpx.Client | None = None
+        self._buffer: dict[uuid.UUID, tuple[EventSpec, bytes]] = {}
+        self._buffer_lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._rejected: dict[uuid.UUID, str] = {}
+        self._outage: str | None = None  # why delivery failed when the current outage began
+        self._last_reason = ""
+        self._outage_since = 0.0
+        self._failed_flushes = 0
+        if not self.enabled:
+            log.warning(_OFF_MESSAGE)
 
     @property
     def enabled(self) -> bool:
         """True when there is a Prefect API to send to."""
         return bool(self.api_url)
 
-    def _settings(self) -> contextlib.AbstractContextManager[Any]:
-        """Prefect settings with our API URL. The events worker is started inside this context
-        (Prefect copies contextvars into its loop thread), so its websocket client and its
-        orchestration client both use this URL and no ephemeral server is started."""
-        if not self._explicit_url:
-            return contextlib.nullcontext()
-        from prefect.settings import PREFECT_API_URL, temporary_settings
-
-        return temporary_settings(updates={PREFECT_API_URL: self._explicit_url})
+    # ------------------------------------------------------------------ emit
 
     def emit(self, spec: EventSpec) -> bool:
-        """Queue ``spec`` on Prefect's events worker; False (logged) if it was not queued.
+        """Buffer ``spec`` until the next :meth:`flush`; False (logged) if it will not be sent.
 
-        An id already queued since the last :meth:`flush` is not queued again (Prefect's
-        worker keys per-event state by id and fails the second copy).
+        Parameters
+        ----------
+        spec : EventSpec
+            The event; its ``id`` is kept (the deterministic uuid5 of :func:`event_id`).
+
+        Returns
+        -------
+        bool
+            True when buffered (or already buffered under the same id).
         """
-        from prefect.events import emit_event
-
         if not self.enabled:
-            if not self._warned_disabled:
-                log.warning("events: no Prefect API URL (PREFECT_API_URL); %s and later events are not sent", spec.event)
-                self._warned_disabled = True
+            log.debug("events are off: %s for %s not sent", spec.event, spec.resource_id)
             return False
-        with self._lock:
-            if spec.id in self._queued:
+        if spec.id in self._rejected:
+            log.debug("events: %s for %s (id %s) was refused by Prefect before; not sent", spec.event, spec.resource_id, spec.id)
+            return False
+        with self._buffer_lock:
+            if spec.id in self._buffer:
                 return True
-            try:
-                with self._settings():
-                    sent = emit_event(
-                        spec.event,
-                        resource=spec.resource,
-                        occurred=spec.occurred,
-                        related=spec.related,
-                        payload=spec.payload,
-                        id=spec.id,
-                    )
-            except Exception as exc:  # EventTooLarge is the one emit_event raises
-                log.warning("events: cannot emit %s for %s: %s: %s", spec.event, spec.resource_id, type(exc).__name__, exc)
-                return False
-            if sent is None:
-                log.warning(
-                    "events: Prefect did not accept %s for %s (events disabled or client error)", spec.event, spec.resource_id
-                )
-                return False
-            self._queued.add(spec.id)
-            return True
+        try:
+            body = self._encode(spec)
+        except Exception as exc:  # pydantic's ValidationError, or too large
+            self._refuse(spec, _first_line(str(exc)))
+            return False
+        with self._buffer_lock:
+            self._buffer.setdefault(spec.id, (spec, body))
+        return True
 
-    def _workers(self) -> list[Any]:
-        cls: Any = self._worker_cls
-        with cls._instance_cache_lock:
-            return list(cls._instances.values())
+    def _encode(self, spec: EventSpec) -> bytes:
+        """``spec`` as Prefect's public ``Event`` model, dumped to JSON (raises when invalid)."""
+        from prefect.events import Event
+        from pydantic import ValidationError
+
+        try:
+            event = Event(
+                id=spec.id,
+                occurred=spec.occurred,
+                event=spec.event,
+                resource=spec.resource,
+                related=spec.related,
+                payload=spec.payload,
+            )
+        except ValidationError as exc:
+            raise ValueError(
+                "; ".join(
+                    f"{'.'.join(str(x) for x in e['loc']) or 'event'}: {_first_line(e['msg'])}" for e in exc.errors()
+                )
+            ) from None
+        body = json.dumps(event.model_dump(mode="json"), separators=(",", ":")).encode()
+        if len(body) > self.max_event_bytes:
+            raise ValueError(
+                f"{len(body)} bytes, more than PREFECT_EVENTS_MAXIMUM_SIZE_BYTES ({self.max_event_bytes})"
+            )
+        return body
+
+    def _refuse(self, spec: EventSpec, reason: str) -> None:
+        """Remember and log (once per id) an event that cannot be sent as it is."""
+        if spec.id not in self._rejected:
+            log.warning(
+                "events: %s for %s (id %s) cannot be sent: %s; "
+                "it stays unsent and is not tried again until the receiver restarts",
+                spec.event,
+                spec.resource_id,
+                spec.id,
+                reason,
+            )
+        self._rejected[spec.id] = reason
+
+    # ------------------------------------------------------------------ flush
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until the events worker sent everything queued; False (logged) on failure."""
+        """POST everything emitted since the last flush; True when the server accepted all of it.
+
+        Parameters
+        ----------
+        timeout : float
+            Seconds for the whole flush (every chunk); what is not accepted by then counts
+            as not sent.
+
+        Returns
+        -------
+        bool
+            True when every chunk got a 2xx answer (or nothing was buffered); False when
+            events are off, the server was unreachable, answered an error, or refused an event.
+            The buffer is empty afterwards either way.
+        """
+        with self._buffer_lock:
+            batch = list(self._buffer.values())
+            self._buffer.clear()
         if not self.enabled:
             return False
-        with self._lock:
-            self._queued.clear()
-            failures_before = self._failures.count
+        if not batch:
+            return True
+        with self._send_lock:
             deadline = time.monotonic() + timeout
-            # Prefect 3.8 internals: a QueueService keeps a queue.Queue whose
-            # ``unfinished_tasks`` drops to 0 once every queued event was handled (sent, or
-            # dropped with an error log). A worker whose connection failed stops with items
-            # still unfinished (and logs "Service 'EventsWorker' failed with N pending items").
-            workers = self._workers()
-            while True:
-                pending = sum(w._queue.unfinished_tasks for w in workers)
-                dead = [w for w in workers if w._stopped and w._queue.unfinished_tasks]
-                if dead or pending == 0:
-                    break
-                if time.monotonic() >= deadline:
-                    log.warning("events: %d event(s) still unsent after %.0f s; they will be re-sent", pending, timeout)
-                    return False
-                time.sleep(0.01)
-            dropped = self._failures.count - failures_before
-            if dead or dropped:
-                log.warning(
-                    "events: Prefect's events worker could not send %d event(s); they will be re-sent",
-                    max(dropped, sum(w._queue.unfinished_tasks for w in dead)),
-                )
+            try:
+                for chunk in self._chunks(batch):
+                    self._post(chunk, deadline, timeout)
+            except _Rejected as exc:
+                for spec, _ in batch:
+                    if spec.id in exc.reasons:
+                        self._refuse(spec, exc.reasons[spec.id])
                 return False
+            except _Undelivered as exc:
+                self._outage_begins(exc.reason, len(batch))
+                return False
+            self._delivered()
             return True
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Drain the events worker (call before a short-lived process exits)."""
+    def _chunks(self, batch: list[tuple[EventSpec, bytes]]) -> list[list[tuple[EventSpec, bytes]]]:
+        chunks: list[list[tuple[EventSpec, bytes]]] = [[]]
+        size = 0
+        for item in batch:
+            if chunks[-1] and (len(chunks[-1]) >= self.chunk_size or size + len(item[1]) > DEFAULT_CHUNK_BYTES):
+                chunks.append([])
+                size = 0
+            chunks[-1].append(item)
+            size += len(item[1]) + 1
+        return chunks
+
+    def _post(self, chunk: list[tuple[EventSpec, bytes]], deadline: float, timeout: float) -> None:
+        """POST one chunk; raises :class:`_Undelivered` or :class:`_Rejected` unless 2xx."""
+        import httpx
+
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise _Undelivered(f"flush timed out after {timeout:g} s")
+        content = b"[" + b",".join(body for _, body in chunk) + b"]"
         try:
-            self._worker_cls.drain_all(timeout=timeout, at_exit=False)
-        finally:
-            self._services_logger.removeHandler(self._failures)
+            response = self._http().post(
+                "/events",
+                content=content,
+                timeout=httpx.Timeout(min(left, DEFAULT_REQUEST_TIMEOUT), connect=min(left, DEFAULT_CONNECT_TIMEOUT)),
+            )
+        except httpx.HTTPError as exc:
+            raise _Undelivered(_transport_reason(exc)) from exc
+        except (httpx.InvalidURL, OSError, ValueError) as exc:  # a bad URL or TLS file: the settings' fault
+            raise _Undelivered(f"{type(exc).__name__}: {_first_line(str(exc))}") from exc
+        if response.is_success:
+            return
+        if response.status_code == 413:  # a proxy in front of Prefect limits the body size
+            if len(chunk) > 1:
+                half = len(chunk) // 2
+                self._post(chunk[:half], deadline, timeout)
+                self._post(chunk[half:], deadline, timeout)
+                return
+            raise _Rejected({chunk[0][0].id: f"{_http_reason(response)} (a proxy limits the request size?)"})
+        if response.status_code == 422:
+            reasons = _validation_reasons(chunk, response)
+            if reasons:
+                raise _Rejected(reasons)
+        raise _Undelivered(_http_reason(response))
+
+    def _http(self) -> httpx.Client:
+        """The HTTP client (built on first use, again after :meth:`close`)."""
+        if self._client is None:
+            import ssl
+
+            import httpx
+
+            headers = {"Content-Type": "application/json", "User-Agent": "dcmflow-receiver"}
+            if self._auth_string:  # as Prefect's clients: the auth string wins over the key
+                token = base64.b64encode(self._auth_string.encode()).decode()
+                headers["Authorization"] = f"Basic {token}"
+            elif self._api_key:
+                headers["Authorization"] = f"Bearer {self._api_key}"
+            verify: ssl.SSLContext | bool = True
+            if self._insecure:
+                verify = False
+            elif self._cert_file:
+                try:
+                    verify = ssl.create_default_context(cafile=self._cert_file)
+                except OSError as exc:
+                    raise OSError(f"PREFECT_API_SSL_CERT_FILE {self._cert_file}: {exc.strerror or exc}") from exc
+            self._client = httpx.Client(base_url=self.api_url, headers=headers, verify=verify)
+        return self._client
+
+    def _outage_begins(self, reason: str, count: int) -> None:
+        self._failed_flushes += 1
+        self._last_reason = reason
+        if self._outage is None:
+            self._outage = reason
+            self._outage_since = time.monotonic()
+            log.warning(
+                "events: cannot deliver to Prefect at %s: %s; %d event(s) will be re-sent "
+                "(logged once until delivery works again)",
+                self.api_url,
+                reason,
+                count,
+            )
+        else:
+            log.debug("events: still cannot deliver to Prefect at %s: %s", self.api_url, reason)
+
+    def _delivered(self) -> None:
+        if self._outage is not None:
+            log.info(
+                "events: delivering to Prefect at %s again (undelivered for %.0f s, %d failed attempt(s), last: %s)",
+                self.api_url,
+                time.monotonic() - self._outage_since,
+                self._failed_flushes,
+                self._last_reason,
+            )
+            self._outage = None
+            self._failed_flushes = 0
+
+    # ------------------------------------------------------------------ close
+
+    def close(self) -> None:
+        """Close the HTTP client. Events emitted but not flushed are dropped (the monitor
+        re-sends what it did not mark)."""
+        with self._buffer_lock:
+            self._buffer.clear()
+        with self._send_lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+
+def _first_line(text: str, limit: int = 200) -> str:
+    line = next((x.strip() for x in text.splitlines() if x.strip()), "")
+    return line if len(line) <= limit else f"{line[: limit - 1]}…"
+
+
+def _transport_reason(exc: Exception) -> str:
+    """``connection refused``, ``name or service not known``, ``no answer within …``."""
+    import httpx
+
+    text = re.sub(r"^\[Errno -?\d+\]\s*", "", str(exc)).strip()
+    if isinstance(exc, httpx.ConnectTimeout):
+        return "connection timed out"
+    if isinstance(exc, httpx.TimeoutException):
+        return "no answer in time"
+    if isinstance(exc, httpx.ConnectError):
+        return (text[:1].lower() + text[1:]) if text else "cannot connect"
+    return f"{type(exc).__name__}: {_first_line(text)}" if text else type(exc).__name__
+
+
+def _http_reason(response: httpx.Response) -> str:
+    """``HTTP 409 Conflict: <first line of the body, or its JSON "detail">``."""
+    head = f"HTTP {response.status_code} {response.reason_phrase}".rstrip()
+    try:
+        detail: Any = response.json().get("detail")
+    except Exception:
+        detail = None
+    text = detail if isinstance(detail, str) else response.text
+    line = _first_line(text)
+    return f"{head}: {line}" if line else head
+
+
+def _validation_reasons(chunk: list[tuple[EventSpec, bytes]], response: httpx.Response) -> dict[uuid.UUID, str]:
+    """Which events of ``chunk`` a FastAPI 422 answer blames, and why.
+
+    FastAPI lists each error with ``loc`` = ``["body", <index in the array>, <field>, …]``.
+    Empty when the answer does not point at events of the chunk.
+    """
+    try:
+        errors = response.json().get("detail")
+    except Exception:
+        return {}
+    reasons: dict[uuid.UUID, list[str]] = {}
+    for error in errors if isinstance(errors, list) else []:
+        loc = error.get("loc") if isinstance(error, dict) else None
+        if not (isinstance(loc, list) and len(loc) >= 2 and loc[0] == "body" and isinstance(loc[1], int)):
+            continue
+        if not 0 <= loc[1] < len(chunk):
+            continue
+        where = ".".join(str(x) for x in loc[2:]) or "event"
+        reasons.setdefault(chunk[loc[1]][0].id, []).append(f"{where}: {error.get('msg', 'invalid')}")
+    return {k: f"HTTP 422: {'; '.join(v)}" for k, v in reasons.items()}

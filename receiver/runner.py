@@ -12,7 +12,7 @@ Start order (so nothing acknowledged can be lost or processed twice at once):
    refuses every event, so nothing is marked emitted and the recovery step sends the events
    once the receiver is restarted with ``PREFECT_API_URL`` set.
 
-Stop order: completeness monitor (after its current tick; then the emitter is drained), SCP
+Stop order: completeness monitor (after its current tick; then the emitter is closed), SCP
 (no new associations; running ones end), association facts, then ingest workers finish their
 current batch; what is left stays in the spool for the next start.
 """
@@ -182,15 +182,16 @@ class Receiver:
         from receiver.events import PrefectEmitter  # imports Prefect: only when monitoring
 
         cfg = self.config
-        self.emitter = PrefectEmitter()
-        log.info("events: %s", self.emitter.api_url if self.emitter.enabled else "disabled: no PREFECT_API_URL")
+        self.emitter = PrefectEmitter()  # without an API URL it warns once: events are off
+        if self.emitter.enabled:
+            log.info("events: %s", self.emitter.api_url)
         self.monitor = CompletenessMonitor(
             self.repository, self.emitter, MonitorOptions(stable_age=cfg.stable_age, interval=cfg.monitor_interval)
         )
         self.monitor.start()
 
     def stop(self) -> None:
-        """Stop the monitor (draining its emitter), the SCP, flush facts, stop ingest (idempotent)."""
+        """Stop the monitor (closing its emitter), the SCP, flush facts, stop ingest (idempotent)."""
         if self.monitor is not None:
             self.monitor.stop()
             self.monitor = None

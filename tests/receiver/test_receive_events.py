@@ -101,3 +101,63 @@ def test_a_series_that_states_its_size_is_stable_when_complete_not_after_the_qui
         assert stable["payload"]["expected_instance_count"] == 4
     finally:
         assert receiver.terminate() == 0, receiver.output()
+
+
+def _wait_stable(env: Env, series_uid: str, receiver: ReceiverProcess, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    series = env.repo.get_series(series_uid)
+    while time.monotonic() < deadline and (series is None or series.state != "stable"):
+        time.sleep(0.2)
+        series = env.repo.get_series(series_uid)
+    assert series is not None and series.state == "stable", receiver.output()
+
+
+def _emitter_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if "receiver.events" in line]
+
+
+def test_without_a_prefect_api_url_the_receiver_says_once_that_events_are_off(env: Env) -> None:
+    """Series still become stable; the emitter warns once at start and stays quiet over the ticks."""
+    first, second = make_small_series(2, seed=91), make_small_series(2, seed=92)
+    receiver = ReceiverProcess(env.root, free_port(), workers=1, extra_env={"DCMFLOW_STABLE_AGE": "1"})
+    try:
+        for datasets in (first, second):  # two series, several ticks apart: two refused emits
+            assoc = _associate(receiver.port)
+            for ds in datasets:
+                assert assoc.send_c_store(ds).Status == status.SUCCESS
+            assoc.release()
+            _wait_stable(env, datasets[0].SeriesInstanceUID, receiver)
+        time.sleep(2)
+    finally:
+        assert receiver.terminate() == 0, receiver.output()
+    lines = _emitter_lines(receiver.output())
+    assert len(lines) == 1, receiver.output()
+    assert "WARNING" in lines[0]
+    assert lines[0].endswith(
+        "events are off: no PREFECT_API_URL; series are declared stable but no flow starts (dcmflow up sets it)"
+    )
+    assert "events: http" not in receiver.output()
+
+
+def test_an_unreachable_prefect_is_one_warning_with_the_reason(env: Env) -> None:
+    dead = f"http://127.0.0.1:{free_port()}/api"
+    first, second = make_small_series(2, seed=93), make_small_series(2, seed=94)
+    receiver = ReceiverProcess(
+        env.root, free_port(), workers=1, extra_env={"PREFECT_API_URL": dead, "DCMFLOW_STABLE_AGE": "1"}
+    )
+    try:
+        for datasets in (first, second):  # two series: two failed flushes (and the study events)
+            assoc = _associate(receiver.port)
+            for ds in datasets:
+                assert assoc.send_c_store(ds).Status == status.SUCCESS
+            assoc.release()
+            _wait_stable(env, datasets[0].SeriesInstanceUID, receiver)
+        time.sleep(2)
+    finally:
+        assert receiver.terminate() == 0, receiver.output()
+    output = receiver.output()
+    assert f"events: {dead}" in output
+    lines = _emitter_lines(output)
+    assert len(lines) == 1, output
+    assert "WARNING" in lines[0] and f"cannot deliver to Prefect at {dead}: connection refused" in lines[0]
+    assert env.repo.get_series(first[0].SeriesInstanceUID).emitted_revision is None  # type: ignore[union-attr]
