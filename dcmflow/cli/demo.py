@@ -165,7 +165,7 @@ class _Sent:
         return cls(
             study_uid=str(first[0].StudyInstanceUID),
             counts={str(ds.SeriesInstanceUID): len(slices) for ds, slices in zip(first, study)},
-            labels={str(ds.SeriesInstanceUID): f"series {ds.SeriesNumber}" for ds in first},
+            labels={str(ds.SeriesInstanceUID): f"series {ds.SeriesNumber} ({ds.SeriesDescription})" for ds in first},
         )
 
     def label(self, target: str | None) -> str:
@@ -233,7 +233,7 @@ def _waiting_for(snap: _Snapshot, sent: _Sent) -> str | None:
 def _view(snap: _Snapshot, sent: _Sent, waiting: str, elapsed: float) -> Group:
     """The live table: one row per series and one for the study, then what we wait for."""
     table = Table(title=f"study {sent.study_uid}", title_justify="left")
-    for col in ("", "description", "instances", "state", "flow run", "jobs"):
+    for col in ("", "instances", "state", "flow run", "jobs"):
         table.add_column(col)
     for target in snap.targets():
         series = snap.series.get(target) if target else None
@@ -247,8 +247,7 @@ def _view(snap: _Snapshot, sent: _Sent, waiting: str, elapsed: float) -> Group:
         tally: dict[str, int] = {}
         for job in jobs:
             tally[job.state] = tally.get(job.state, 0) + 1
-        table.add_row(sent.label(target), record.description if record is not None else "",
-                      f"{count}/{wanted}", state,
+        table.add_row(sent.label(target), f"{count}/{wanted}", state,
                       f"{session.state} (session {session.id})" if session else "",
                       ", ".join(f"{n} {s}" for s, n in sorted(tally.items())))
     return Group(table, Spinner("dots", text=f"waiting for {waiting}  ({elapsed:.0f} s)"))
@@ -296,10 +295,19 @@ def _follow(repository: Repository, sent: _Sent, timeout: float) -> _Snapshot:
             before, snap = snap, _snapshot(repository, sent)
 
 
+def _local_times(job: JobPublic) -> dict[str, Any]:
+    """A job row whose times read as a wall clock (HH:MM:SS, local): the table stays narrow."""
+    row = job.model_dump(mode="json")
+    for key in ("started_at", "finished_at"):
+        at = getattr(job, key)
+        row[key] = at.astimezone().strftime("%H:%M:%S") if at is not None else None
+    return row
+
+
 def _report(snap: _Snapshot, sent: _Sent, state: StackState, as_json: bool) -> None:
     """The job table, the flow run links, and the exit code (1 unless every run completed)."""
     sessions = [s for s in (snap.session_of(t) for t in snap.targets()) if s is not None]
-    jobs = [j for s in sessions for j in snap.jobs.get(s.id, [])]
+    jobs = sorted((j for s in sessions for j in snap.jobs.get(s.id, [])), key=lambda j: j.id)
     links = {s.id: f"{state.ui_url.rstrip('/')}/runs/flow-run/{s.flow_run_id}" if s.flow_run_id else None
              for s in sessions}
     if as_json:
@@ -310,7 +318,7 @@ def _report(snap: _Snapshot, sent: _Sent, state: StackState, as_json: bool) -> N
             "jobs": [j.model_dump(mode="json") for j in jobs],
         }, indent=2))
     else:
-        emit(jobs, False, columns=JOB_COLUMNS, title="jobs of the demo study")
+        emit([_local_times(j) for j in jobs], False, columns=JOB_COLUMNS, title="jobs of the demo study")
         for session in sessions:
             target = sent.label(session.series_uid)
             stdout.print(f"{session.state:>9}  {target}  {links[session.id] or '(no flow run id)'}",

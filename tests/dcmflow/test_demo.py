@@ -26,8 +26,7 @@ from typing import Any
 import pydicom
 import pytest
 import typer
-from click.testing import Result
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from dcmflow.cli import demo
 from dcmflow.settings import Settings
@@ -174,10 +173,10 @@ def test_sends_to_a_real_receiver_and_follows_it_until_the_timeout(stack_env: St
     result = _invoke("--timeout", "6")
     assert result.exit_code == 1, result.output + stack_env.receiver.output()
     assert re.search(r"sent study [0-9.]+ \(2 series, 40 instances, patient DEMO\^CT\) to DCMFLOW@127\.0\.0\.1", result.output)
-    for number in (2, 3):
-        assert f"series {number}: 20 of 20 instances recorded" in result.output
+    for description, number in DEMO_SERIES:
+        assert f"series {number} ({description}): 20 of 20 instances recorded" in result.output
         # (0020,1209) closed each series when its association did: no quiet period needed.
-        assert f"series {number}: stable, revision 1" in result.output
+        assert f"series {number} ({description}): stable, revision 1" in result.output
     assert "timed out after 6 s waiting for the study to become stable" in _one_error_line(result.output)
     series = [s for s in stack_env.repository.list_series() if s.last_received_at and s.last_received_at >= since]
     assert sorted((s.description, s.instance_count, s.expected_instance_count, s.state) for s in series) == [
