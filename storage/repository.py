@@ -34,6 +34,16 @@ partial indexes ``ix_series_unemitted`` / ``ix_study_unemitted``
 (:meth:`Repository.list_unemitted_series`, :meth:`Repository.list_unemitted_studies`), so
 recovering them reads only what is pending.
 
+Processing sessions
+-------------------
+A run started by a trigger records its session with :meth:`Repository.claim_session`: the
+row carries ``claim_key`` (``series/<uid>/<revision>`` or ``study/…``) under a unique index,
+so of any number of runs of one revision exactly one inserts it (``INSERT … ON CONFLICT DO
+NOTHING``) and the others are told which session holds it. The claim outlives the session's
+end; only :meth:`Repository.release_claim` frees it, for a session whose flow run died while
+``running`` (:meth:`Repository.list_stale_claims` lists the candidates). Manual runs use
+:meth:`Repository.create_session` and claim nothing.
+
 Open associations are rows in ``association`` / ``association_series``, written by the
 receiver's notification handlers (:meth:`~Repository.association_opened`,
 :meth:`~Repository.association_touched_series`, :meth:`~Repository.association_closed`). A

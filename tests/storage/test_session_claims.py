@@ -150,3 +150,32 @@ def test_postgres_claim_waits_for_an_uncommitted_claim_of_the_same_revision(
         assert not result.claimed and result.session.flow_run_id == "fr-other"
     else:
         assert result.claimed and result.session.flow_run_id == "fr-mine"
+
+
+def test_0003_upgrade_leaves_existing_sessions_unclaimed_and_downgrade_keeps_them(db_url: str) -> None:
+    from alembic import command
+
+    from storage.db import alembic_config, create_engine, current_revision, upgrade, write_transaction
+
+    engine = create_engine(db_url)
+    try:
+        upgrade(engine, "0002")
+        with engine.begin() as conn:
+            conn.execute(sa.text(
+                "INSERT INTO session (series_uid, study_uid, revision, trigger, state, created_at) "
+                "VALUES (:s, :st, 1, 'dicom.series.stable', 'completed', :at)"
+            ), {"s": SERIES, "st": STUDY, "at": dt.datetime(2026, 1, 1, tzinfo=dt.UTC)})  # fmt: skip
+        upgrade(engine)
+        repo = Repository(engine)
+        assert repo.get_session(1).claim_key is None  # type: ignore[union-attr]
+        assert claim(repo).claimed  # the pre-upgrade session does not hold the revision
+        with write_transaction(engine) as conn:
+            cfg = alembic_config()
+            cfg.attributes["connection"] = conn
+            command.downgrade(cfg, "0002")
+        assert current_revision(engine) == "0002"
+        assert "claim_key" not in {c["name"] for c in sa.inspect(engine).get_columns("session")}
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT count(*) FROM session")).scalar_one() == 2
+    finally:
+        engine.dispose()
