@@ -1442,6 +1442,18 @@ class Repository:
             row = conn.execute(sa.select(T_SESSION).where(T_SESSION.c.id == session_id)).first()
         return _public(m.SessionPublic, row) if row is not None else None
 
+    def list_sessions(
+        self, *, series_uid: str | None = None, study_uid: str | None = None, limit: int = 1000
+    ) -> list[m.SessionPublic]:
+        """Sessions of a series, or of a study and its series (both given: either matches), oldest first."""
+        t = T_SESSION
+        stmt = sa.select(t).order_by(t.c.id).limit(limit)
+        wanted = [c == v for c, v in ((t.c.series_uid, series_uid), (t.c.study_uid, study_uid)) if v is not None]
+        if wanted:
+            stmt = stmt.where(sa.or_(*wanted))
+        with self.engine.connect() as conn:
+            return [_public(m.SessionPublic, r) for r in conn.execute(stmt)]
+
     def finish_session(
         self, session_id: int, state: str = m.SessionState.COMPLETED.value, *, now: dt.datetime | None = None
     ) -> m.SessionPublic:

@@ -2,11 +2,12 @@
 
 Quick start (inside a flow)::
 
-    from tasks import load_target, plan_jobs, start_session, materialise, run_job
+    from tasks import load_target, plan_jobs, start_session, record_jobs, materialise, run_job
 
     target = load_target(settings, "series", series_uid)
+    run = start_session(settings, target, "manual", claim=False)  # claim=True: EarlierRun if taken
     planned = plan_jobs(settings, target)
-    run, planned = start_session(settings, target, planned, "manual")
+    run, planned = record_jobs(settings, run, planned)
     materialise(settings, run)
     job = planned.jobs[0]
     run_job.with_options(retries=job.retries, task_run_name=job.name).submit(settings, run, job)
@@ -25,6 +26,7 @@ __all__ = [
     "load_target",
     "plan_jobs",
     "start_session",
+    "record_jobs",
     "materialise",
     "run_job",
     "record_skipped",
@@ -37,6 +39,7 @@ __all__ = [
     "PlannedJob",
     "PlannedRun",
     "SessionRun",
+    "EarlierRun",
     # job processes (tasks.execution)
     "JobProcess",
     "ProcessOutcome",
@@ -48,18 +51,20 @@ __all__ = [
     "JobTimedOutError",
     "EnvironmentBuildError",
     "SendError",
+    "WebhookError",
 ]
 
 _WHERE = {
     **dict.fromkeys(
-        ["load_target", "plan_jobs", "start_session", "materialise", "run_job", "record_skipped",
+        ["load_target", "plan_jobs", "start_session", "record_jobs", "materialise", "run_job", "record_skipped",
          "send_outputs", "publish_artifacts", "finish_session", "artifact_key"],
         "tasks.jobs",
     ),
-    **dict.fromkeys(["Target", "PlannedJob", "PlannedRun", "SessionRun"], "tasks.context"),
+    **dict.fromkeys(["Target", "PlannedJob", "PlannedRun", "SessionRun", "EarlierRun"], "tasks.context"),
     **dict.fromkeys(["JobProcess", "ProcessOutcome", "run_job_process"], "tasks.execution"),
     **dict.fromkeys(
-        ["TaskError", "SeriesNotFoundError", "JobFailedError", "JobTimedOutError", "EnvironmentBuildError", "SendError"],
+        ["TaskError", "SeriesNotFoundError", "JobFailedError", "JobTimedOutError", "EnvironmentBuildError", "SendError",
+         "WebhookError"],
         "tasks.errors",
     ),
 }

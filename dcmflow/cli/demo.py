@@ -191,17 +191,8 @@ class _Snapshot:
 
 
 def _snapshot(repository: Repository, sent: _Sent) -> _Snapshot:
-    """One read of the records (sessions straight from their table: the repository has no lister)."""
-    import sqlalchemy as sa
-
-    from storage.models import SessionPublic
-    from storage.repository import T_SESSION
-
-    stmt = sa.select(T_SESSION).where(
-        sa.or_(T_SESSION.c.study_uid == sent.study_uid, T_SESSION.c.series_uid.in_(list(sent.counts)))
-    ).order_by(T_SESSION.c.id)
-    with repository.engine.connect() as conn:
-        sessions = [SessionPublic.model_validate(dict(r._mapping)) for r in conn.execute(stmt)]
+    """One read of the records: the series, the study, and the sessions of both."""
+    sessions = repository.list_sessions(study_uid=sent.study_uid)
     snap = _Snapshot({uid: repository.get_series(uid) for uid in sent.counts}, repository.get_study(sent.study_uid), sessions)
     for target in snap.targets():
         session = snap.session_of(target)

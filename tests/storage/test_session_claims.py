@@ -50,6 +50,16 @@ def test_claims_are_per_level_uid_and_revision_and_manual_sessions_never_conflic
     assert [s.claim_key for s in manual] == [None, None] and manual[0].id != manual[1].id
 
 
+def test_list_sessions_of_a_series_or_of_a_study_and_its_series(repo: Repository) -> None:
+    series_session = claim(repo, 1).session
+    other_series = claim(repo, 1, uid=f"{STUDY}.2").session
+    study_session = repo.claim_session("study", STUDY, 1).session
+    elsewhere = repo.create_session(series_uid="1.2.3.9", study_uid="1.2.3", trigger="manual")
+    assert [s.id for s in repo.list_sessions(series_uid=SERIES)] == [series_session.id]
+    assert [s.id for s in repo.list_sessions(study_uid=STUDY)] == [series_session.id, other_series.id, study_session.id]
+    assert elsewhere.id in {s.id for s in repo.list_sessions()}
+
+
 def test_claim_rejects_bad_input(repo: Repository) -> None:
     with pytest.raises(ValueError, match="level"):
         repo.claim_session("instance", SERIES, 1)
