@@ -24,6 +24,10 @@ IMPORT_COMMAND = [sys.executable, "-c", "from dcmflow.cli import main; main()", 
 def import_folder(path: str) -> int:
     """Import every DICOM file under ``path`` (``dcmflow import PATH``).
 
+    Args:
+        path: A file or folder on the machine that runs the flow; every DICOM file under it
+            is imported, then goes through completeness and its triggers like any C-STORE.
+
     Returns
     -------
     int

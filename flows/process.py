@@ -139,7 +139,8 @@ def run_processing(
     if failed:
         parts = [f"{name} {outcome.status[name].replace('_', ' ')}" for name in outcome.failed]
         parts += outcome.send_errors
-        return Failed(message=f"{len(outcome.failed)} of {len(planned.jobs)} jobs failed: " + "; ".join(parts), data=summary)
+        # no data: a Failed state's data must be an exception, or Prefect's engine raises on it
+        return Failed(message=f"{len(outcome.failed)} of {len(planned.jobs)} jobs failed: " + "; ".join(parts))
     return Completed(message=f"{len(planned.jobs)} jobs succeeded", data=summary)
 
 
@@ -158,18 +159,16 @@ def process_series(
 ) -> State:
     """Run every selected series-level job of the installed services on a received series.
 
-    Parameters
-    ----------
-    series_uid
-        Series Instance UID of a received series.
-    revision
-        The series revision this run is for (default: the current one).
-    only_jobs
-        Run only these jobs and what depends on them (``reprocess --job``).
-    trigger
-        Recorded on the session: ``dicom.series.stable``, ``manual``, ``reprocess`` …
-    max_parallel
-        Jobs at once (default ``DCMFLOW_MAX_PARALLEL_JOBS``, else 4).
+    (Google-style ``Args``: Prefect shows these lines as the parameters' descriptions.)
+
+    Args:
+        series_uid: Series Instance UID of a received series.
+        revision: The series revision this run is for. Given (as the dicom.series.stable trigger
+            does), the run claims (series, revision) and ends at once if another run has it or a
+            newer revision superseded it; empty: the current revision, always run.
+        only_jobs: Run only these jobs and what depends on them (empty: every selected job).
+        trigger: What started the run, recorded on the session: dicom.series.stable, manual, ...
+        max_parallel: Jobs at once (empty: DCMFLOW_MAX_PARALLEL_JOBS, default 4).
     """
     return run_processing("series", series_uid, revision=revision, only_jobs=only_jobs, trigger=trigger, max_parallel=max_parallel)
 
@@ -190,6 +189,15 @@ def process_study(
 
     Headers are the study's first series' representative instance, with ``dcmpath`` =
     ``dicom/<study>`` (every series in its own sub-folder) and ``seriesIds``.
+
+    Args:
+        study_uid: Study Instance UID of a received study.
+        revision: The study revision this run is for. Given (as the dicom.study.stable trigger
+            does), the run claims (study, revision) and ends at once if another run has it or a
+            newer revision superseded it; empty: the current revision, always run.
+        only_jobs: Run only these jobs and what depends on them (empty: every selected job).
+        trigger: What started the run, recorded on the session: dicom.study.stable, manual, ...
+        max_parallel: Jobs at once (empty: DCMFLOW_MAX_PARALLEL_JOBS, default 4).
     """
     return run_processing("study", study_uid, revision=revision, only_jobs=only_jobs, trigger=trigger, max_parallel=max_parallel)
 
@@ -200,5 +208,11 @@ def process_study(
     task_runner=ThreadPoolTaskRunner(max_workers=MAX_POOL_THREADS),  # type: ignore[arg-type]
 )
 def reprocess(series_uid: str, only_jobs: list[str] | None = None, max_parallel: int | None = None) -> State:
-    """Re-run a series with the current service versions as a new session (optionally some jobs)."""
+    """Re-run a series with the current service versions as a new session (optionally some jobs).
+
+    Args:
+        series_uid: Series Instance UID of a received series.
+        only_jobs: Re-run only these jobs and what depends on them (empty: every selected job).
+        max_parallel: Jobs at once (empty: DCMFLOW_MAX_PARALLEL_JOBS, default 4).
+    """
     return run_processing("series", series_uid, revision=None, only_jobs=only_jobs, trigger="reprocess", max_parallel=max_parallel)
