@@ -10,6 +10,7 @@ decides anything: the flows live in ``flows/``, the stack in ``dcmflow/``.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 if TYPE_CHECKING:
+    from prefect import Flow
     from prefect.deployments.runner import RunnerDeployment
     from prefect.events import DeploymentTriggerTypes
 
@@ -113,20 +115,21 @@ def runner_deployments(path: Path = PREFECT_YAML) -> list[RunnerDeployment]:
     from prefect.flows import load_flow_from_entrypoint
     from prefect.types.entrypoint import EntrypointType
 
-    deployments = []
+    deployments: list[RunnerDeployment] = []
     for spec in read_specs(path):
-        flow = load_flow_from_entrypoint(spec.entrypoint, use_placeholder_flow=False)
+        flow: Flow[..., Any] = load_flow_from_entrypoint(spec.entrypoint, use_placeholder_flow=False)
         if flow.name != spec.flow_name:
             raise DeclarationError(f"{path}: {spec.entrypoint} is flow {flow.name!r}, expected {spec.flow_name!r}")
-        deployments.append(
-            flow.to_deployment(
-                name=spec.name,
-                description=spec.description or None,
-                tags=spec.tags,
-                parameters=spec.parameters or None,
-                triggers=build_triggers(spec),
-                concurrency_limit=spec.concurrency_limit,
-                entrypoint_type=EntrypointType.MODULE_PATH,
-            )
+        triggers: list[Any] = list(build_triggers(spec))
+        deployment = flow.to_deployment(  # sync here: to_deployment is async only in async code
+            name=spec.name,
+            description=spec.description or None,
+            tags=spec.tags,
+            parameters=spec.parameters or None,
+            triggers=triggers,
+            concurrency_limit=spec.concurrency_limit,
+            entrypoint_type=EntrypointType.MODULE_PATH,
         )
+        assert not inspect.isawaitable(deployment)
+        deployments.append(deployment)
     return deployments

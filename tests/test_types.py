@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CHECKED = ["storage", "services_registry", "dcmflow", "receiver", "flows", "tasks"]
+CHECKED = ["storage", "services_registry", "dcmflow", "receiver", "flows", "tasks", "deployments"]
 
 
 def test_mypy_is_clean() -> None:
