@@ -35,7 +35,7 @@ transaction with Prefect. So the monitor is **at-least-once with an idempotent e
   (:func:`receiver.events.event_id` = uuid5 of name, resource and revision), which the Prefect
   server de-duplicates, so no second flow run starts;
 * Prefect unreachable: ``emit``/``flush`` report it, nothing is marked, the recovery step
-  retries every ``recovery_interval`` (one warning per failed attempt) until it is back;
+  retries every ``recovery_interval`` until it is back (one warning per outage, not per attempt);
 * after a mark, :meth:`~storage.repository.Repository.mark_series_emitted` returns True only
   once per (series, revision), and nothing re-emits a marked revision.
 
@@ -191,6 +191,7 @@ class CompletenessMonitor:
         self.claimer = claimer or default_claimer()
         self._clock = clock
         self._next_recovery: dt.datetime | None = None
+        self._lost_outstanding = {"series": False, "studies": False}  # warned, not yet all re-sent
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._tick_lock = threading.Lock()
@@ -278,10 +279,10 @@ class CompletenessMonitor:
                 # Before the studies: a study is claimable only once its series are marked.
                 lost = self.repository.list_unemitted_series(now - opts.reemit_after, limit=opts.recovery_scan)
                 if lost:
-                    log.warning(
-                        "completeness: %d series were claimed but never emitted; emitting them again", len(lost)
-                    )
-                    report.recovered.extend(self._emit_and_mark([series_stable_event(c) for c in lost], report))
+                    self._say_lost("series", len(lost))
+                    sent = self._emit_and_mark([series_stable_event(c) for c in lost], report)
+                    report.recovered.extend(sent)
+                    self._lost_outstanding["series"] = len(sent) < len(lost)
             while True:
                 study_claims = self.repository.claim_due_studies(now=now, claimer=self.claimer, limit=opts.claim_limit)
                 if not study_claims:
@@ -292,13 +293,17 @@ class CompletenessMonitor:
             if recovering:
                 lost_studies = self.repository.list_unemitted_studies(now - opts.reemit_after, limit=opts.recovery_scan)
                 if lost_studies:
-                    log.warning(
-                        "completeness: %d studies were claimed but never emitted; emitting them again",
-                        len(lost_studies),
-                    )
-                    report.recovered.extend(self._emit_and_mark([self._study_event(c) for c in lost_studies], report))
+                    self._say_lost("studies", len(lost_studies))
+                    sent = self._emit_and_mark([self._study_event(c) for c in lost_studies], report)
+                    report.recovered.extend(sent)
+                    self._lost_outstanding["studies"] = len(sent) < len(lost_studies)
                 self._next_recovery = now + opts.recovery_interval
             return report
+
+    def _say_lost(self, what: str, count: int) -> None:
+        """Warn about unemitted claims once per outage (the emitter says why), then only in debug."""
+        level = logging.DEBUG if self._lost_outstanding[what] else logging.WARNING
+        log.log(level, "completeness: %d %s were claimed but never emitted; emitting them again", count, what)
 
     # ------------------------------------------------------------------ emitting
 

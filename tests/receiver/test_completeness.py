@@ -7,6 +7,7 @@ Events go to a :class:`~receiver.events.RecordingEmitter`; the Prefect side is c
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import threading
 import time
 import uuid
@@ -221,6 +222,29 @@ def test_unsent_events_are_not_marked_and_are_sent_later(repo: Repository) -> No
     mon.tick(s(125))
     assert len(rec.named(SERIES_STABLE)) == 1 and len(rec.named(STUDY_STABLE)) == 1
     assert repo.get_study(STUDY).emitted_revision == 1  # type: ignore[union-attr]
+
+
+def test_an_outage_is_warned_once_not_at_every_recovery(repo: Repository, caplog: pytest.LogCaptureFixture) -> None:
+    record(repo, STUDY, SERIES, 3, s(0))
+    rec = RecordingEmitter(fail=True)
+    mon = monitor(repo, rec)
+    caplog.set_level(logging.DEBUG, logger="receiver.completeness")
+    for second in (61, 125, 155, 185, 215):  # recovery runs at 125 and every 30 s after
+        mon.tick(s(second))
+
+    def warned() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "never emitted" in r.getMessage()]
+
+    assert warned() == ["completeness: 1 series were claimed but never emitted; emitting them again"]
+    rec.fail = False
+    mon.tick(s(245))
+    assert len(rec.named(SERIES_STABLE)) == 1
+    caplog.clear()
+    record(repo, STUDY, f"{SERIES}.9", 2, s(250))  # a later outage is a new one: warned again
+    rec.fail = True
+    for second in (320, 400):
+        mon.tick(s(second))
+    assert len(warned()) == 1
 
 
 def test_two_monitors_on_one_database_never_double_emit(repo: Repository) -> None:
