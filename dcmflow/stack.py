@@ -38,6 +38,8 @@ import httpx
 from dcmflow.stack_state import StackState, clear_state, pid_alive, read_state, write_state
 
 if TYPE_CHECKING:
+    from storage.repository import Repository
+
     from dcmflow.settings import Settings
 
 __all__ = ["StackError", "StackConfig", "Stack", "stop_orphans", "port_in_use", "UP_HOME_MARK"]
@@ -187,10 +189,19 @@ class Stack:
     start_receiver : callable
         Starts the receiver in this process and returns its ``stop`` (called last on start,
         first on stop), so this module does not need to know the receiver's wiring.
+    repository : Repository, optional
+        The records; with it, :func:`resume_runs` runs between the runner and the receiver.
     """
 
-    def __init__(self, config: StackConfig, start_receiver: Callable[[], Callable[[], None]]) -> None:
+    def __init__(
+        self,
+        config: StackConfig,
+        start_receiver: Callable[[], Callable[[], None]],
+        repository: Repository | None = None,
+    ) -> None:
         self.config = config
+        self.repository = repository
+        self.resumed: list[str] = []
         self._start_receiver = start_receiver
         self._stop_receiver: Callable[[], None] | None = None
         self.server: _Child | None = None
@@ -308,6 +319,11 @@ class Stack:
         try:
             self.start_server()
             self.start_runner()
+            if self.repository is not None:
+                try:
+                    self.resumed = resume_runs(self.api_url, self.repository, own_server=self.server is not None)
+                except httpx.HTTPError as exc:
+                    log.error("could not resume interrupted runs (their sessions stay marked running): %s", exc)
             self._stop_receiver = self._start_receiver()
         except BaseException:
             self.stop()
@@ -370,48 +386,83 @@ def _flow_run_state(api_url: str, flow_run_id: str | None) -> str | None:
     return state.get("type")
 
 
-def recover_interrupted_runs(stack: Stack, settings: Settings) -> list[str]:
-    """Start again the event-started runs that a stopped or killed stack left unfinished.
+DEPLOYMENT_OF_LEVEL = {"series": "process-series/process-series", "study": "process-study/process-study"}
+UNCLAIMED_WINDOW = dt.timedelta(days=1)
+"""How far back ``up`` looks for stable events that never became a run."""
 
-    A claimed session still RUNNING whose flow run cannot be running any more (the server
-    and runner of this stack were restarted, or Prefect says the run ended) is marked crashed,
-    its claim released, its flow run marked Crashed, and a new run of the same deployment is
-    created for the same (series or study, revision). Returns the new flow run ids.
+
+def _start_run(api_url: str, level: str, uid: str, revision: int) -> dict[str, Any]:
+    """Create a run of the level's deployment for (uid, revision) through the REST API."""
+    found = httpx.get(f"{api_url}/deployments/name/{DEPLOYMENT_OF_LEVEL[level]}", timeout=10)
+    found.raise_for_status()
+    uid_param = "series_uid" if level == "series" else "study_uid"
+    created = httpx.post(
+        f"{api_url}/deployments/{found.json()['id']}/create_flow_run",
+        json={"parameters": {uid_param: uid, "revision": revision, "trigger": "recovery"}},
+        timeout=10,
+    )
+    created.raise_for_status()
+    return dict(created.json())
+
+
+def _runs_of(api_url: str, level: str) -> set[tuple[str, int]]:
+    """(uid, revision) of every run of the level's deployment the server knows (any state)."""
+    name = DEPLOYMENT_OF_LEVEL[level].split("/")[1]
+    uid_param = "series_uid" if level == "series" else "study_uid"
+    body = {"deployments": {"name": {"any_": [name]}}, "sort": "EXPECTED_START_TIME_DESC", "limit": 200}
+    response = httpx.post(f"{api_url}/flow_runs/filter", json=body, timeout=10)
+    response.raise_for_status()
+    return {(r["parameters"].get(uid_param), r["parameters"].get("revision")) for r in response.json()}
+
+
+def resume_runs(api_url: str, repository: Repository, *, own_server: bool, now: dt.datetime | None = None) -> list[str]:
+    """Start again what a stopped or killed stack left unprocessed; returns the new flow run ids.
+
+    1. A claimed session still RUNNING whose flow run cannot be running any more (this
+       stack's own server and runner were restarted, or Prefect says the run ended) is marked
+       crashed, its claim released and its flow run marked Crashed; a new run claims the same
+       (series or study, revision).
+    2. A revision whose stable event went out in the last day but that no run claimed, and
+       of which the server has no run either (the server died between accepting the event
+       and its trigger firing), gets its run now.
+
+    Call it before the receiver starts, so nothing emitted meanwhile is counted as lost.
     """
-    from dcmflow.wiring import repository_from
-
-    repository = repository_from(settings)
-    api = stack.api_url
-    own_server = stack.server is not None
+    now = now or dt.datetime.now(dt.UTC)
     started = []
     for claim in repository.list_stale_claims():
-        state = _flow_run_state(api, claim.flow_run_id)
+        state = _flow_run_state(api_url, claim.flow_run_id)
         if state is not None and state not in FINAL_STATES and not own_server:
             continue  # an external server: another runner may still be running it
-        reason = f"interrupted: dcmflow up was stopped while flow run {claim.flow_run_id} ran"
+        reason = f"interrupted: dcmflow up stopped while flow run {claim.flow_run_id} ran"
         if not repository.release_claim(claim.session_id, reason=reason):
             continue
         if state is not None and state not in FINAL_STATES:
             httpx.post(
-                f"{api}/flow_runs/{claim.flow_run_id}/set_state",
+                f"{api_url}/flow_runs/{claim.flow_run_id}/set_state",
                 json={"state": {"type": "CRASHED", "message": reason}, "force": True},
                 timeout=10,
             ).raise_for_status()
-        level_param = "series_uid" if claim.level == "series" else "study_uid"
-        deployment = "process-series/process-series" if claim.level == "series" else "process-study/process-study"
-        found = httpx.get(f"{api}/deployments/name/{deployment}", timeout=10)
-        found.raise_for_status()
-        created = httpx.post(
-            f"{api}/deployments/{found.json()['id']}/create_flow_run",
-            json={"parameters": {level_param: claim.uid, "revision": claim.revision, "trigger": "recovery"}},
-            timeout=10,
-        )
-        created.raise_for_status()
-        started.append(created.json()["id"])
+        run = _start_run(api_url, claim.level, claim.uid, claim.revision)
+        started.append(run["id"])
         log.warning(
-            "%s %s revision %d was interrupted (session %d): started it again as flow run %s",
-            claim.level, claim.uid, claim.revision, claim.session_id, created.json()["name"],
+            "%s %s revision %d was interrupted (session %d): started it again as flow run %r",
+            claim.level, claim.uid, claim.revision, claim.session_id, run["name"],
         )
+    for level in DEPLOYMENT_OF_LEVEL:
+        lost = repository.list_unclaimed_emitted(level, stable_after=now - UNCLAIMED_WINDOW, stable_before=now)
+        if not lost:
+            continue
+        known = _runs_of(api_url, level)
+        for uid, revision in lost:
+            if (uid, revision) in known:
+                continue  # its run exists (scheduled, or it ran without claiming: an older dcmflow)
+            run = _start_run(api_url, level, uid, revision)
+            started.append(run["id"])
+            log.warning(
+                "%s %s revision %d: its stable event never became a run (the server stopped first): "
+                "started flow run %r", level, uid, revision, run["name"],
+            )
     return started
 
 

@@ -1528,6 +1528,37 @@ class Repository:
                     return SessionClaim(False, _public(m.SessionPublic, holder))
         raise ClaimConflictError(f"{key}: claimed and released repeatedly while claiming it")
 
+    def list_unclaimed_emitted(
+        self, level: str, *, stable_after: dt.datetime, stable_before: dt.datetime, limit: int = 500
+    ) -> list[tuple[str, int]]:
+        """Series (or studies) whose current revision's stable event went out but no run claimed it.
+
+        After a crash of the whole stack these are the revisions whose event the Prefect server
+        accepted but never turned into a run (its event pipeline is in memory). Returns
+        ``(uid, revision)`` pairs, oldest stable first, of rows that became stable in the window.
+        """
+        table, uid_col = (T_SERIES, T_SERIES.c.series_uid) if level == "series" else (T_STUDY, T_STUDY.c.study_uid)
+        session_uid = T_SESSION.c.series_uid if level == "series" else T_SESSION.c.study_uid
+        claimed = sa.exists().where(
+            session_uid == uid_col, T_SESSION.c.revision == table.c.revision, T_SESSION.c.claim_key.is_not(None)
+        )
+        if level == "study":
+            claimed = claimed.where(T_SESSION.c.series_uid.is_(None))
+        stmt = (
+            sa.select(uid_col, table.c.revision)
+            .where(
+                table.c.state == m.SeriesState.STABLE.value,
+                table.c.emitted_revision == table.c.revision,
+                table.c.stable_at >= _require_aware(stable_after, "stable_after"),
+                table.c.stable_at < _require_aware(stable_before, "stable_before"),
+                ~claimed,
+            )
+            .order_by(table.c.stable_at)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [(r[0], int(r[1])) for r in conn.execute(stmt)]
+
     def list_stale_claims(self, *, created_before: dt.datetime | None = None) -> list[StaleClaim]:
         """Sessions that hold a claim and are still ``running``, oldest first.
 

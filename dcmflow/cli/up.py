@@ -16,7 +16,6 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-import httpx
 import typer
 
 from dcmflow.cli._common import load_settings, open_repository
@@ -105,7 +104,6 @@ def up(
     configure_logging(verbose)
     home = settings.home.resolve()
     settings = settings.model_copy(update={"home": home})
-    open_repository(settings)  # a bad database is one line now, not after the server started
     config = StackConfig(
         home=home,
         api_url=settings.prefect_api_url,
@@ -125,17 +123,13 @@ def up(
         stopping = True
 
     previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    stack = Stack(config, lambda: _start_receiver(settings, stack.api_url))
+    stack = Stack(config, lambda: _start_receiver(settings, stack.api_url), open_repository(settings))
     demo_run: subprocess.Popen[bytes] | None = None
     try:
         stack.start()
         _banner(stack, settings)
-        from dcmflow.stack import action_watcher, recover_interrupted_runs
+        from dcmflow.stack import action_watcher
 
-        try:
-            recover_interrupted_runs(stack, settings)
-        except httpx.HTTPError as exc:
-            log.error("could not restart interrupted runs (they stay marked running): %s", exc)
         demo_run = subprocess.Popen([*DCMFLOW_COMMAND, "demo"], env=stack.child_env()) if demo else None
         watcher = action_watcher(stack.api_url)
         next_check = 0.0
