@@ -117,16 +117,20 @@ def up(
         extra_env={"DCMFLOW_DICOM_PORT": str(settings.dicom_port)},
     )
     stopping = False
+    serving = False
 
     def request_stop(*_: Any) -> None:
         nonlocal stopping
         stopping = True
+        if not serving:  # still starting: abandon the start (Stack.start stops what it started)
+            raise KeyboardInterrupt
 
     previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     stack = Stack(config, lambda: _start_receiver(settings, stack.api_url), open_repository(settings))
     demo_run: subprocess.Popen[bytes] | None = None
     try:
         stack.start()
+        serving = True
         _banner(stack, settings)
         from dcmflow.stack import action_watcher
 
@@ -147,6 +151,9 @@ def up(
     except StackError as exc:
         stack.stop()
         fail(str(exc))
+    except KeyboardInterrupt:
+        stack.stop()
+        fail("interrupted while starting; nothing is left running", code=130)
     finally:
         if demo_run is not None and demo_run.poll() is None:
             demo_run.terminate()
