@@ -42,7 +42,20 @@ if TYPE_CHECKING:
 
     from dcmflow.settings import Settings
 
-__all__ = ["StackError", "StackConfig", "Stack", "stop_orphans", "port_in_use", "UP_HOME_MARK"]
+__all__ = [
+    "UP_HOME_MARK",
+    "StackError",
+    "StackConfig",
+    "Stack",
+    "stop_orphans",
+    "port_in_use",
+    "ui_url_of",
+    "resume_runs",
+    "failed_actions",
+    "action_watcher",
+    "recent_flow_runs",
+    "collect_status",
+]
 
 log = logging.getLogger("dcmflow.up")
 
