@@ -10,10 +10,10 @@
 
 Children get ``DCMFLOW_HOME`` as an absolute path (served runs inherit this environment),
 the API URL, and the mark ``DCMFLOW_UP_HOME=<home>``, which every descendant inherits: the
-flow runs the runner starts (each in its own session) and the jobs they start. The server
-and the runner also get a parent-death signal, so a ``kill -9`` of ``up`` stops them at once;
-anything else left behind (a flow run in its own session) is found by that mark and stopped
-when ``up`` starts again, before anything binds a port.
+flow runs the runner starts and the jobs they start (in process groups of their own). When
+``up`` is killed (``kill -9``), the server gets a parent-death signal and the runner's
+guardian thread (:func:`watch_parent`) stops every marked process; whatever still survives is
+found by the same mark and stopped when ``up`` starts again, before anything binds a port.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ __all__ = [
     "Stack",
     "stop_orphans",
     "port_in_use",
+    "watch_parent",
     "ui_url_of",
     "resume_runs",
     "failed_actions",
@@ -154,6 +156,29 @@ def stop_orphans(home: Path, *, grace: float = 10.0) -> list[int]:
     return pids
 
 
+def watch_parent(home: Path, *, every: float = 0.5) -> threading.Thread:
+    """In the runner: when ``up`` dies, stop every process of the stack, then exit.
+
+    The flow runs the runner starts live in sessions of their own, and the jobs they start
+    in process groups of their own, so no signal reaches them when ``up`` is killed; this
+    thread notices its parent is gone within ``every`` seconds and sweeps them (and the
+    server) by the stack's mark. Prefect's own SIGTERM handling is not used here: with the
+    server dying at the same moment it waits minutes on API calls.
+    """
+    parent = os.getppid()
+
+    def guard() -> None:
+        while os.getppid() == parent:
+            time.sleep(every)
+        log.error("dcmflow up (pid %d) is gone: stopping the stack's processes", parent)
+        stop_orphans(home, grace=5.0)
+        os._exit(1)
+
+    thread = threading.Thread(target=guard, name="dcmflow-up-guardian", daemon=True)
+    thread.start()
+    return thread
+
+
 def _healthy(api_url: str, timeout: float = 2.0) -> bool:
     try:
         return httpx.get(f"{api_url}/health", timeout=timeout).status_code == 200
@@ -243,7 +268,7 @@ class Stack:
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         return env
 
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> _Child:
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str], *, die_with_parent: bool = True) -> _Child:
         logs = self.config.home / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         log_path = logs / f"{name}.log"
@@ -255,7 +280,7 @@ class Stack:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group, stopped as one
-                preexec_fn=_die_with_parent,
+                preexec_fn=_die_with_parent if die_with_parent else None,
             )
         return _Child(name, process, log_path)
 
@@ -300,8 +325,12 @@ class Stack:
     def start_runner(self) -> None:
         """Start the process serving ``deployments/prefect.yaml`` and wait until its deployments exist."""
         cfg = self.config
-        argv = [*SERVE_FLOWS_COMMAND, "--limit", str(cfg.max_flow_runs), "--poll", str(cfg.poll_seconds)]
-        self.runner = self._spawn("serve-flows", argv, self.child_env())
+        argv = [
+            *SERVE_FLOWS_COMMAND,
+            *("--limit", str(cfg.max_flow_runs), "--poll", str(cfg.poll_seconds), "--stack-home", str(cfg.home)),
+        ]
+        # no parent-death signal: its guardian (watch_parent) stops the flow runs and jobs too
+        self.runner = self._spawn("serve-flows", argv, self.child_env(), die_with_parent=False)
         from deployments.loader import read_specs
 
         names = [spec.full_name for spec in read_specs()]

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
@@ -166,11 +167,19 @@ def up(
 def serve_flows(
     limit: int = typer.Option(4, "--limit", min=1, help="Flow runs at once."),
     poll: float = typer.Option(1.0, "--poll", min=0.1, help="Seconds between polls for scheduled runs."),
+    stack_home: Path | None = typer.Option(
+        None, "--stack-home", help="Stop the stack's processes (marked with this home) when the parent dies."
+    ),
 ) -> None:
     """Serve deployments/prefect.yaml with its triggers (run by `dcmflow up`; not for direct use)."""
     from prefect import serve
 
     from deployments.loader import runner_deployments
+
+    if stack_home is not None:
+        from dcmflow.stack import watch_parent
+
+        watch_parent(stack_home)
 
     serve(*runner_deployments(), limit=limit, query_seconds=poll, print_starting_message=False)
 
