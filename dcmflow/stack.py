@@ -36,7 +36,9 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from dcmflow.stack_state import StackState, clear_state, pid_alive, read_state, write_state
+from tasks.execution import pid_alive
+
+from dcmflow.stack_state import StackState, clear_state, read_state, write_state
 
 if TYPE_CHECKING:
     from storage.repository import Repository

@@ -15,7 +15,9 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-__all__ = ["StackState", "state_path", "read_state", "read_state_file", "write_state", "clear_state", "pid_alive"]
+from tasks.execution import pid_alive
+
+__all__ = ["StackState", "state_path", "read_state", "read_state_file", "write_state", "clear_state"]
 
 
 class StackState(BaseModel):
@@ -46,23 +48,6 @@ class StackState(BaseModel):
 def state_path(home: Path) -> Path:
     """``<home>/run/up.json``."""
     return home / "run" / "up.json"
-
-
-def pid_alive(pid: int | None) -> bool:
-    """True when a process with this pid exists (and is not a zombie we could reap)."""
-    if not pid or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie still answers kill(0); /proc tells
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return True
-    return "\nState:\tZ" not in status
 
 
 def read_state_file(home: Path) -> StackState | None:

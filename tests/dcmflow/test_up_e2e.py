@@ -25,10 +25,11 @@ from pydicom.uid import generate_uid
 
 from dcmflow.settings import Settings
 from dcmflow.stack import UP_HOME_MARK
-from dcmflow.stack_state import StackState, pid_alive, read_state
+from dcmflow.stack_state import StackState, read_state
 from dcmflow.synthetic import make_ct_series
 from receiver.events import SERIES_STABLE, event_id, series_resource_id
 from storage.models import SessionPublic
+from tasks.execution import pid_alive
 from tests.receiver.conftest import free_port
 
 STORESCU = "/usr/bin/storescu"
@@ -333,6 +334,7 @@ def test_kill_9_mid_flow_then_restart_processes_the_series_exactly_once(tmp_path
         job_pid = int(next(line for line in up.ledger() if line.startswith("start")).split()[2])
         # the server, the runner, the flow run and its job all stop with up (nothing to trip over)
         wait_for("every process of the stack to stop", lambda: not _marked(up.home), timeout=30)
+        assert first.server_pid and first.runner_pid
         assert not any(pid_alive(p) for p in (first.server_pid, first.runner_pid, job_pid))
         second = up.start()  # marks the interrupted session crashed and starts its revision again
         wait_for(
