@@ -165,7 +165,8 @@ class Api:
         response = self.http.post("/events/filter", json=body)
         response.raise_for_status()
         events = response.json().get("events", [])
-        return min(parse_time(e["occurred"]) for e in events) if events else None
+        times = [t for e in events if (t := parse_time(e["occurred"])) is not None]
+        return min(times) if times else None
 
     def flow_name(self, flow_id: str) -> str:
         if flow_id not in self._flow_names:

@@ -13,6 +13,7 @@ starts ``process-series`` (``serve(..., query_seconds=1)``). Nothing of dcmflow 
 from __future__ import annotations
 
 import argparse
+import inspect
 
 from prefect import flow, serve
 from prefect.events import DeploymentEventTrigger
@@ -32,7 +33,9 @@ def main() -> None:
         match={"prefect.resource.id": "bench.floor.*"},
         parameters={"x": "{{ event.payload.x }}"},
     )
-    serve(noop.to_deployment(name="floor", triggers=[trigger]), query_seconds=args.poll, print_starting_message=False)
+    deployment = noop.to_deployment(name="floor", triggers=[trigger])
+    assert not inspect.isawaitable(deployment)  # sync call, sync result
+    serve(deployment, query_seconds=args.poll, print_starting_message=False)
 
 
 if __name__ == "__main__":
