@@ -87,7 +87,7 @@ class StackConfig:
     prefect_host: str = "127.0.0.1"
     prefect_port: int = 4200
     max_flow_runs: int = 4
-    poll_seconds: float = 1.0
+    poll_seconds: float = 0.5
     """How often the runner asks for scheduled runs (Prefect's default is 10 s)."""
     server_timeout: float = 180.0
     ae_title: str = "DCMFLOW"

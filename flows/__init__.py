@@ -8,12 +8,31 @@ Quick start::
     state.is_completed()   # False when any job failed or timed out
 
 Deployments (``deployments/prefect.yaml``) point at ``flows.process.process_series`` etc.
+Names are imported lazily: a served run imports only its own flow's module (every run is a
+new process, and each module costs start-up time).
 """
 
 from __future__ import annotations
 
-from flows.importing import import_folder
-from flows.process import process_series, process_study, reprocess
-from flows.study_received import study_received
+import importlib
+from typing import Any
 
 __all__ = ["process_series", "process_study", "reprocess", "import_folder", "study_received"]
+
+_WHERE = {
+    "process_series": "flows.process",
+    "process_study": "flows.process",
+    "reprocess": "flows.process",
+    "import_folder": "flows.importing",
+    "study_received": "flows.new_study",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'flows' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -212,7 +212,8 @@ class RepositoryFacts:
         ``pending_files(association_id) -> bool``: True while the spool still holds files of
         the association. ``None`` records closes at once.
     poll_seconds : float
-        How often deferred closes are re-checked.
+        How often deferred closes are re-checked (only while one waits: a close delays a
+        series closed by its expected count by up to this much).
     """
 
     def __init__(
@@ -220,7 +221,7 @@ class RepositoryFacts:
         repository: Any,
         *,
         pending_files: Callable[[str], bool] | None = None,
-        poll_seconds: float = 0.5,
+        poll_seconds: float = 0.1,
     ) -> None:
         self._repository = repository
         self._pending_files = pending_files

@@ -86,8 +86,10 @@ __all__ = [
 
 log = logging.getLogger("receiver.completeness")
 
-DEFAULT_INTERVAL = 1.0
-"""Seconds between ticks of the monitor thread."""
+DEFAULT_INTERVAL = 0.25
+"""Seconds between ticks of the monitor thread: how late past its quiet period (or its last
+instance and closed association) a series is declared stable. A tick with nothing due is
+three indexed queries."""
 
 DEFAULT_REEMIT_AFTER = dt.timedelta(seconds=60)
 """A claim not marked emitted this long after it was made is emitted again (its claimer died)."""

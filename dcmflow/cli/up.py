@@ -166,7 +166,7 @@ def up(
 
 def serve_flows(
     limit: int = typer.Option(4, "--limit", min=1, help="Flow runs at once."),
-    poll: float = typer.Option(1.0, "--poll", min=0.1, help="Seconds between polls for scheduled runs."),
+    poll: float = typer.Option(0.5, "--poll", min=0.1, help="Seconds between polls for scheduled runs."),
     stack_home: Path | None = typer.Option(
         None, "--stack-home", help="Stop the stack's processes (marked with this home) when the parent dies."
     ),

@@ -20,7 +20,7 @@ from uuid import UUID
 
 import pytest
 
-from flows.study_received import study_received
+from flows.new_study import study_received
 from storage.keys import instance_key
 from storage.repository import InstanceIn
 from tasks.study_card import StudyCard, card_artifact_key, card_markdown, redact_url, study_card

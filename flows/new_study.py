@@ -9,7 +9,7 @@ It runs in its own flow run, so a slow or broken webhook never holds up the rece
 
 Quick start::
 
-    from flows.study_received import study_received
+    from flows.new_study import study_received
 
     state = study_received("1.2.840.113619.2.55.3", return_state=True)
     state.is_completed()   # False: unknown/invalid UID, or the webhook refused the card
