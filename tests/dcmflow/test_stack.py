@@ -125,3 +125,37 @@ def test_the_sweep_stops_only_processes_marked_with_this_home(tmp_path: Path) ->
         for proc in (left, kept):
             proc.kill()
             proc.wait()
+
+
+def test_up_with_prefect_api_url_uses_that_server_and_leaves_it_running(prefect_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from dcmflow.stack_state import read_state
+    from tests.receiver.conftest import free_port
+
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DCMFLOW_", "PREFECT_"))}
+    env.update(prefect_server.env(), DCMFLOW_HOME=str(home), DO_NOT_TRACK="1")
+    log = (tmp_path / "up.log").open("wb")
+    up = subprocess.Popen(
+        [sys.executable, "-c", "from dcmflow.cli import main; main()", "up", "--port", str(free_port())],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while (state := read_state(home)) is None:
+            assert up.poll() is None and time.monotonic() < deadline, (tmp_path / "up.log").read_text()[-3000:]
+            time.sleep(0.5)
+        assert state.api_url == prefect_server.api_url and state.server_pid is None
+        assert "(PREFECT_API_URL)" in (tmp_path / "up.log").read_text()
+        served = httpx.get(f"{prefect_server.api_url}/deployments/name/process-series/process-series", timeout=10)
+        assert served.status_code == 200
+        status = subprocess.run(
+            [sys.executable, "-c", "from dcmflow.cli import main; main()", "status", "--json"],
+            env=env, capture_output=True, text=True, timeout=60,
+        )
+        assert status.returncode == 0 and '"prefect_healthy": true' in status.stdout
+    finally:
+        up.terminate()
+        up.wait(timeout=60)
+    assert up.returncode == 0
+    assert httpx.get(f"{prefect_server.api_url}/health", timeout=10).status_code == 200  # not ours to stop
+    assert read_state(home) is None
