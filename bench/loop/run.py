@@ -11,7 +11,7 @@ One run, one machine, one Prefect server:
    service (``tests/examples/ct_volume``: one job counting the slices); the bench waits for
    ``run/up.json`` and the deployments.
 2. Prefect's floor, ``bench/loop/trivial.py``: a no-op flow served in its own process with a
-   ``DeploymentEventTrigger`` on ``bench.floor`` events (``serve(..., query_seconds=1)``, as
+   ``DeploymentEventTrigger`` on ``bench.floor`` events (``serve(..., query_seconds=0.5)``, as
    ``dcmflow serve-flows`` serves ``process-series``), on the same server.
 3. Each repetition measures, one after the other (interleaved, so load hits all alike):
    ``floor`` (POST one ``bench.floor`` event), ``quiet`` (one synthetic CT series sent by a

@@ -3,11 +3,11 @@
 Run by ``run.py`` in its own process (``PREFECT_API_URL`` set to the server of the running
 ``dcmflow up``)::
 
-    python bench/loop/trivial.py [--poll 1]
+    python bench/loop/trivial.py [--poll 0.5]
 
 Every ``bench.floor`` event on a resource ``bench.floor.*`` starts one run of ``noop/floor``
 with ``x`` from the event's payload, in a new process, exactly as ``dcmflow serve-flows``
-starts ``process-series`` (``serve(..., query_seconds=1)``). Nothing of dcmflow is imported.
+starts ``process-series`` (``serve(..., query_seconds=0.5)``). Nothing of dcmflow is imported.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def noop(x: int = 0) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--poll", type=float, default=1.0, help="runner poll, seconds (dcmflow up uses 1)")
+    parser.add_argument("--poll", type=float, default=0.5, help="runner poll, seconds (dcmflow up uses 0.5)")
     args = parser.parse_args()
     trigger = DeploymentEventTrigger(
         expect={"bench.floor"},
