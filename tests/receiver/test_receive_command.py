@@ -114,6 +114,6 @@ def test_without_prefect_the_log_says_events_are_disabled(env: Env) -> None:
     receiver = ReceiverProcess(env.root, free_port(), workers=1)
     try:
         assert _wait(lambda: "events: " in receiver.output(), timeout=30), receiver.output()
-        assert "events: disabled: no PREFECT_API_URL" in receiver.output()
+        assert "events are off: no PREFECT_API_URL" in receiver.output()
     finally:
         assert receiver.terminate() == 0, receiver.output()
