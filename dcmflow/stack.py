@@ -41,6 +41,7 @@ from tasks.execution import pid_alive
 from dcmflow.stack_state import StackState, clear_state, read_state, write_state
 
 if TYPE_CHECKING:
+    from deployments.loader import DeploymentSpec
     from storage.repository import Repository
 
     from dcmflow.settings import Settings
@@ -430,14 +431,21 @@ def _flow_run_state(api_url: str, flow_run_id: str | None) -> str | None:
     return state.get("type")
 
 
-DEPLOYMENT_OF_LEVEL = {"series": "process-series/process-series", "study": "process-study/process-study"}
+STABLE_EVENT_OF_LEVEL = {"series": "dicom.series.stable", "study": "dicom.study.stable"}
+"""A (series or study, revision) is processed by the deployment prefect.yaml starts on this event."""
 UNCLAIMED_WINDOW = dt.timedelta(days=1)
 """How far back ``up`` looks for stable events that never became a run."""
 
 
+def _deployment_of(level: str) -> DeploymentSpec:
+    from deployments.loader import triggered_by
+
+    return triggered_by(STABLE_EVENT_OF_LEVEL[level])
+
+
 def _start_run(api_url: str, level: str, uid: str, revision: int) -> dict[str, Any]:
     """Create a run of the level's deployment for (uid, revision) through the REST API."""
-    found = httpx.get(f"{api_url}/deployments/name/{DEPLOYMENT_OF_LEVEL[level]}", timeout=10)
+    found = httpx.get(f"{api_url}/deployments/name/{_deployment_of(level).full_name}", timeout=10)
     found.raise_for_status()
     uid_param = "series_uid" if level == "series" else "study_uid"
     created = httpx.post(
@@ -451,7 +459,7 @@ def _start_run(api_url: str, level: str, uid: str, revision: int) -> dict[str, A
 
 def _runs_of(api_url: str, level: str) -> set[tuple[str, int]]:
     """(uid, revision) of every run of the level's deployment the server knows (any state)."""
-    name = DEPLOYMENT_OF_LEVEL[level].split("/")[1]
+    name = _deployment_of(level).name
     uid_param = "series_uid" if level == "series" else "study_uid"
     body = {"deployments": {"name": {"any_": [name]}}, "sort": "EXPECTED_START_TIME_DESC", "limit": 200}
     response = httpx.post(f"{api_url}/flow_runs/filter", json=body, timeout=10)
@@ -493,7 +501,7 @@ def resume_runs(api_url: str, repository: Repository, *, own_server: bool, now: 
             "%s %s revision %d was interrupted (session %d): started it again as flow run %r",
             claim.level, claim.uid, claim.revision, claim.session_id, run["name"],
         )
-    for level in DEPLOYMENT_OF_LEVEL:
+    for level in STABLE_EVENT_OF_LEVEL:
         lost = repository.list_unclaimed_emitted(level, stable_after=now - UNCLAIMED_WINDOW, stable_before=now)
         if not lost:
             continue

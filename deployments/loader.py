@@ -22,7 +22,15 @@ if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment
     from prefect.events import DeploymentTriggerTypes
 
-__all__ = ["PREFECT_YAML", "DeploymentSpec", "read_specs", "build_triggers", "runner_deployments", "DeclarationError"]
+__all__ = [
+    "PREFECT_YAML",
+    "DeploymentSpec",
+    "read_specs",
+    "triggered_by",
+    "build_triggers",
+    "runner_deployments",
+    "DeclarationError",
+]
 
 PREFECT_YAML = Path(__file__).with_name("prefect.yaml")
 """The declaration, packaged with dcmflow."""
@@ -91,6 +99,20 @@ def read_specs(path: Path = PREFECT_YAML) -> list[DeploymentSpec]:
             )
         )
     return specs
+
+
+def triggered_by(event: str, path: Path = PREFECT_YAML) -> DeploymentSpec:
+    """The deployment whose trigger expects ``event`` (``dicom.series.stable`` → process-series).
+
+    Raises
+    ------
+    DeclarationError
+        No deployment, or more than one, is started by that event.
+    """
+    found = [spec for spec in read_specs(path) if any(event in (t.get("expect") or []) for t in spec.triggers)]
+    if len(found) != 1:
+        raise DeclarationError(f"{path}: {len(found)} deployments are started by {event}, expected one")
+    return found[0]
 
 
 def build_triggers(spec: DeploymentSpec) -> list[DeploymentTriggerTypes]:

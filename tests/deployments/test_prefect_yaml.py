@@ -12,7 +12,14 @@ import httpx
 import pytest
 import yaml
 
-from deployments.loader import PREFECT_YAML, DeclarationError, build_triggers, read_specs, runner_deployments
+from deployments.loader import (
+    PREFECT_YAML,
+    DeclarationError,
+    build_triggers,
+    read_specs,
+    runner_deployments,
+    triggered_by,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 EXPECTED = {
@@ -59,6 +66,13 @@ def test_served_deployments_are_the_declared_ones() -> None:
         schema = deployment._parameter_openapi_schema.model_dump() if hasattr(deployment, "_parameter_openapi_schema") else {}
         properties = (schema or deployment.parameter_openapi_schema.model_dump())["properties"]
         assert properties and all(p.get("description") for p in properties.values()), entry["name"]
+
+
+def test_the_deployment_an_event_starts_is_read_from_the_declaration() -> None:
+    assert triggered_by("dicom.series.stable").full_name == "process-series/process-series"
+    assert triggered_by("dicom.study.stable").full_name == "process-study/process-study"
+    with pytest.raises(DeclarationError, match="0 deployments are started by dicom.nothing"):
+        triggered_by("dicom.nothing")
 
 
 def test_a_bad_declaration_is_one_clear_error(tmp_path: Path) -> None:
