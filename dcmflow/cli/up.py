@@ -26,6 +26,8 @@ from dcmflow.cli.receive import configure_logging, open_storage, receiver_config
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from storage.repository import Repository
+
     from dcmflow.settings import Settings
     from dcmflow.stack import Stack
 
@@ -64,14 +66,14 @@ def _banner(stack: Stack, settings: Settings) -> None:
     stdout.print("\n".join(lines), highlight=False, soft_wrap=True)
 
 
-def _start_receiver(settings: Settings, api_url: str) -> Callable[[], None]:
+def _start_receiver(settings: Settings, api_url: str, repository: Repository) -> Callable[[], None]:
     """Run the receiver in this process, its events going to ``api_url``; returns its stop."""
     from receiver.runner import Receiver
 
     # The completeness monitor's emitter reads Prefect's settings, which Prefect builds from
     # the environment when it is first imported (after this line, in this process).
     os.environ["PREFECT_API_URL"] = api_url
-    receiver = Receiver(receiver_config(settings), functools.partial(open_storage, settings), open_repository(settings))
+    receiver = Receiver(receiver_config(settings), functools.partial(open_storage, settings), repository)
     receiver.start()
     return receiver.stop
 
@@ -105,6 +107,7 @@ def up(
     configure_logging(verbose)
     home = settings.home.resolve()
     settings = settings.model_copy(update={"home": home})
+    repository = open_repository(settings)  # a bad database is one line now, before anything starts
     config = StackConfig(
         home=home,
         api_url=settings.prefect_api_url,
@@ -127,7 +130,7 @@ def up(
             raise KeyboardInterrupt
 
     previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    stack = Stack(config, lambda: _start_receiver(settings, stack.api_url), open_repository(settings))
+    stack = Stack(config, lambda: _start_receiver(settings, stack.api_url, repository), repository)
     demo_run: subprocess.Popen[bytes] | None = None
     try:
         stack.start()
