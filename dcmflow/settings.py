@@ -88,6 +88,11 @@ class Settings(BaseSettings):
     prefect_port: int = Field(
         DEFAULT_PREFECT_PORT, ge=1, le=65535, description="Port of the Prefect server that `dcmflow up` starts."
     )
+    work_pool: str | None = Field(
+        None,
+        description="Prefect process work pool the flows run on (`dcmflow up` registers them there and "
+        "`prefect worker start --pool NAME` runs them, on any machine); unset = `dcmflow up` serves them itself.",
+    )
     max_flow_runs: int = Field(
         DEFAULT_MAX_FLOW_RUNS, ge=1, description="Flow runs (series, studies) that `dcmflow up` runs at once."
     )

@@ -54,6 +54,7 @@ __all__ = [
     "stop_orphans",
     "port_in_use",
     "watch_parent",
+    "ensure_work_pool",
     "ui_url_of",
     "resume_runs",
     "failed_actions",
@@ -67,8 +68,8 @@ log = logging.getLogger("dcmflow.up")
 UP_HOME_MARK = "DCMFLOW_UP_HOME"
 """Environment variable that marks every process ``up`` started, directly or not."""
 
-SERVE_FLOWS_COMMAND = [sys.executable, "-c", "from dcmflow.cli import main; main()", "serve-flows"]
-"""The runner process: ``dcmflow serve-flows`` with this interpreter (no reliance on PATH)."""
+DCMFLOW_COMMAND = [sys.executable, "-c", "from dcmflow.cli import main; main()"]
+"""``dcmflow`` with this interpreter (no reliance on PATH)."""
 
 _PR_SET_PDEATHSIG = 1
 
@@ -88,6 +89,8 @@ class StackConfig:
     prefect_host: str = "127.0.0.1"
     prefect_port: int = 4200
     max_flow_runs: int = 4
+    work_pool: str | None = None
+    """Register the deployments on this process work pool (workers run them) instead of serving."""
     poll_seconds: float = 0.5
     """How often the runner asks for scheduled runs (Prefect's default is 10 s)."""
     server_timeout: float = 180.0
@@ -180,6 +183,39 @@ def watch_parent(home: Path, *, every: float = 0.5) -> threading.Thread:
     thread = threading.Thread(target=guard, name="dcmflow-up-guardian", daemon=True)
     thread.start()
     return thread
+
+
+def ensure_work_pool(pool: str, queues: dict[str, int]) -> list[str]:
+    """Create the process work pool and its queues if missing; set the queues' priorities.
+
+    Uses Prefect's client (``PREFECT_API_URL``); returns what it created or changed, in words.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    done = []
+    with get_client(sync_client=True) as client:
+        try:
+            found = client.read_work_pool(pool)
+            if found.type != "process":
+                raise StackError(f"work pool {pool} is of type {found.type!r}; dcmflow's flows need a process pool")
+        except ObjectNotFound:
+            template = ProcessWorker.get_default_base_job_template()
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process", base_job_template=template))
+            done.append(f"created process work pool {pool}")
+        for name, priority in queues.items():
+            try:
+                queue = client.read_work_queue_by_name(name, work_pool_name=pool)
+            except ObjectNotFound:
+                client.create_work_queue(name=name, work_pool_name=pool, priority=priority)
+                done.append(f"created queue {name} (priority {priority})")
+                continue
+            if queue.priority != priority:
+                client.update_work_queue(queue.id, priority=priority)
+                done.append(f"queue {name}: priority {queue.priority} -> {priority}")
+    return done
 
 
 def _healthy(api_url: str, timeout: float = 2.0) -> bool:
@@ -326,10 +362,19 @@ class Stack:
         self._wait(lambda: _healthy(self.api_url), self.server, "the Prefect server to answer", cfg.server_timeout)
 
     def start_runner(self) -> None:
-        """Start the process serving ``deployments/prefect.yaml`` and wait until its deployments exist."""
+        """Serve ``deployments/prefect.yaml`` (a child process), or register it on the work pool;
+        then wait until its deployments exist."""
         cfg = self.config
+        if cfg.work_pool is not None:
+            argv = [*DCMFLOW_COMMAND, "register-flows", "--pool", cfg.work_pool]
+            log.info("registering the deployments on work pool %s", cfg.work_pool)
+            registering = self._spawn("register-flows", argv, self.child_env())
+            if registering.process.wait(timeout=cfg.server_timeout) != 0:
+                raise StackError(f"could not register the deployments on work pool {cfg.work_pool}:\n{registering.tail()}")
+            return
         argv = [
-            *SERVE_FLOWS_COMMAND,
+            *DCMFLOW_COMMAND,
+            "serve-flows",
             *("--limit", str(cfg.max_flow_runs), "--poll", str(cfg.poll_seconds), "--stack-home", str(cfg.home)),
         ]
         # no parent-death signal: its guardian (watch_parent) stops the flow runs and jobs too
@@ -386,6 +431,7 @@ class Stack:
             started_at=dt.datetime.now(dt.UTC),
             server_pid=self.server.process.pid if self.server else None,
             runner_pid=self.runner.process.pid if self.runner else None,
+            work_pool=cfg.work_pool,
         )
         write_state(cfg.home, self.state)
         return self.state

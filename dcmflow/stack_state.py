@@ -42,7 +42,9 @@ class StackState(BaseModel):
     server_pid: int | None = None
     """The Prefect server that ``up`` started (its own process group), or None for an external one."""
     runner_pid: int | None = None
-    """The process serving the deployments (its own process group)."""
+    """The process serving the deployments (its own process group); None with a work pool."""
+    work_pool: str | None = None
+    """The process work pool the flows run on (``DCMFLOW_WORK_POOL``), or None when served here."""
 
 
 def state_path(home: Path) -> Path:

@@ -27,6 +27,7 @@ __all__ = [
     "DeploymentSpec",
     "read_specs",
     "triggered_by",
+    "read_work_queues",
     "build_triggers",
     "runner_deployments",
     "DeclarationError",
@@ -54,6 +55,8 @@ class DeploymentSpec:
     triggers: list[dict[str, Any]] = field(default_factory=list)
     parameters: dict[str, Any] = field(default_factory=dict)
     concurrency_limit: int | None = None
+    work_queue: str | None = None
+    """The queue of its work pool (``live`` for event-started runs, ``backfill`` for manual)."""
 
     @property
     def full_name(self) -> str:
@@ -96,9 +99,22 @@ def read_specs(path: Path = PREFECT_YAML) -> list[DeploymentSpec]:
                 triggers=[dict(t) for t in entry.get("triggers") or []],
                 parameters=dict(entry.get("parameters") or {}),
                 concurrency_limit=entry.get("concurrency_limit"),
+                work_queue=(entry.get("work_pool") or {}).get("work_queue_name"),
             )
         )
     return specs
+
+
+def read_work_queues(path: Path = PREFECT_YAML) -> dict[str, int]:
+    """The work queues of the declaration and their priorities (``definitions.work_queues``)."""
+    try:
+        document = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise DeclarationError(f"cannot read {path}: {exc}") from None
+    queues = (document.get("definitions") or {}).get("work_queues") or {}
+    if not all(isinstance(name, str) and isinstance(priority, int) and priority >= 1 for name, priority in queues.items()):
+        raise DeclarationError(f"{path}: definitions.work_queues maps queue names to priorities (1 = first)")
+    return dict(queues)
 
 
 def triggered_by(event: str, path: Path = PREFECT_YAML) -> DeploymentSpec:
@@ -128,8 +144,9 @@ def build_triggers(spec: DeploymentSpec) -> list[DeploymentTriggerTypes]:
     return triggers
 
 
-def runner_deployments(path: Path = PREFECT_YAML) -> list[RunnerDeployment]:
-    """Every deployment of ``path`` as a ``RunnerDeployment`` for ``prefect.serve``.
+def runner_deployments(path: Path = PREFECT_YAML, *, work_pool: str | None = None) -> list[RunnerDeployment]:
+    """Every deployment of ``path`` as a ``RunnerDeployment``: for ``prefect.serve``, or, with
+    ``work_pool``, to register on that pool (each on its declared queue) for workers to run.
 
     The entrypoint is recorded as the module path (not a file of this checkout), so a run
     starts wherever dcmflow is installed.
@@ -151,6 +168,8 @@ def runner_deployments(path: Path = PREFECT_YAML) -> list[RunnerDeployment]:
             triggers=triggers,
             concurrency_limit=spec.concurrency_limit,
             entrypoint_type=EntrypointType.MODULE_PATH,
+            work_pool_name=work_pool,
+            work_queue_name=spec.work_queue if work_pool else None,
         )
         assert not inspect.isawaitable(deployment)
         deployments.append(deployment)

@@ -28,6 +28,7 @@ def _root() -> None:
 app.command(name="up")(up.up)
 app.command(name="status")(up.status)
 app.command(name="serve-flows", hidden=True)(up.serve_flows)
+app.command(name="register-flows", hidden=True)(up.register_flows)
 app.command(name="demo")(demo.demo)
 app.command(name="receive")(receive.receive)
 app.add_typer(db.app, name="db")

@@ -31,12 +31,9 @@ if TYPE_CHECKING:
     from dcmflow.settings import Settings
     from dcmflow.stack import Stack
 
-__all__ = ["up", "status", "serve_flows"]
+__all__ = ["up", "status", "serve_flows", "register_flows"]
 
 log = logging.getLogger("dcmflow.up")
-
-DCMFLOW_COMMAND = [sys.executable, "-c", "from dcmflow.cli import main; main()"]
-"""``dcmflow`` with this interpreter (no reliance on PATH)."""
 
 ACTION_CHECK_SECONDS = 5.0
 """How often ``up`` looks for automation actions the server could not carry out."""
@@ -49,6 +46,8 @@ def _describe_objects(settings: Settings) -> str:
 
 
 def _banner(stack: Stack, settings: Settings) -> None:
+    from deployments.loader import read_work_queues
+
     state = stack.state
     assert state is not None
     lines = [
@@ -57,6 +56,12 @@ def _banner(stack: Stack, settings: Settings) -> None:
         f"  Prefect API   {state.api_url}" + ("" if stack.server else "  (PREFECT_API_URL)"),
         f"  DICOM         AE {state.ae_title} on port {state.dicom_port}  (send with: "
         f"TCP_NODELAY=1 /usr/bin/storescu -aec {state.ae_title} 127.0.0.1 {state.dicom_port} +sd +r FOLDER)",
+        (
+            f"  flows         on work pool {state.work_pool} (queues by priority: {', '.join(read_work_queues())}); workers: "
+            f"`PREFECT_API_URL={state.api_url} prefect worker start --pool {state.work_pool} --limit 4`"
+            if state.work_pool
+            else f"  flows         served here ({settings.max_flow_runs} runs at once)"
+        ),
         f"  data          {state.home}",
         f"  records       {state.database}",
         f"  objects       {state.objects}",
@@ -96,7 +101,7 @@ def up(
     process-series flow run you can watch in the UI. Ctrl-C (or SIGTERM) stops everything;
     starting again resumes what was left (spool, waiting series, unsent events, interrupted runs).
     """
-    from dcmflow.stack import Stack, StackConfig, StackError
+    from dcmflow.stack import DCMFLOW_COMMAND, Stack, StackConfig, StackError
     from dcmflow.wiring import describe_database
 
     settings = load_settings()
@@ -114,6 +119,7 @@ def up(
         prefect_host=settings.prefect_host,
         prefect_port=settings.prefect_port,
         max_flow_runs=settings.max_flow_runs,
+        work_pool=settings.work_pool,
         ae_title=settings.ae_title,
         dicom_port=settings.dicom_port,
         database=describe_database(settings),
@@ -185,6 +191,24 @@ def serve_flows(
         watch_parent(stack_home)
 
     serve(*runner_deployments(), limit=limit, query_seconds=poll, print_starting_message=False)
+
+
+def register_flows(
+    pool: str = typer.Option(..., "--pool", help="Process work pool to register the deployments on."),
+) -> None:
+    """Register deployments/prefect.yaml on a work pool, creating pool and queues if missing (run by `dcmflow up`)."""
+    from deployments.loader import read_work_queues, runner_deployments
+
+    from dcmflow.stack import StackError, ensure_work_pool
+
+    try:
+        for change in ensure_work_pool(pool, read_work_queues()):
+            typer.echo(change)
+    except StackError as exc:
+        fail(str(exc))
+    for deployment in runner_deployments(work_pool=pool):
+        deployment.apply()
+        typer.echo(f"registered {deployment.flow_name}/{deployment.name} on {pool}/{deployment.work_queue_name}")
 
 
 def status(as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:

@@ -15,7 +15,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +98,7 @@ class Up:
     dicom_port: int
     prefect_port: int
     process: subprocess.Popen[bytes] | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def env(self) -> dict[str, str]:
@@ -109,6 +110,7 @@ class Up:
             DO_NOT_TRACK="1",
             TCP_NODELAY="1",
         )
+        env.update(self.extra_env)
         return env
 
     @property
@@ -351,3 +353,41 @@ def test_kill_9_mid_flow_then_restart_processes_the_series_exactly_once(tmp_path
         up.stop()
     assert not _marked(up.home), "nothing of the stack may outlive a clean stop"
     assert UP_HOME_MARK  # the mark the sweep looks for is the stack's contract
+
+
+def test_with_a_work_pool_workers_run_live_runs_and_backfills_on_their_queues(tmp_path_factory: pytest.TempPathFactory) -> None:
+    up = make_up(tmp_path_factory.mktemp("pool"), "home")
+    up.extra_env["DCMFLOW_WORK_POOL"] = "e2e-pool"
+    state = up.start()
+    worker: subprocess.Popen[bytes] | None = None
+    try:
+        assert state.work_pool == "e2e-pool" and state.runner_pid is None
+        queues = httpx.post(f"{up.api}/work_pools/e2e-pool/queues/filter", json={}, timeout=10).json()
+        priorities = {q["name"]: q["priority"] for q in queues}
+        assert priorities["live"] < priorities["backfill"]
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "worker", "start", "--pool", "e2e-pool", "--limit", "2"],
+            env={**up.env, "PREFECT_API_URL": up.api, "PREFECT_WORKER_QUERY_SECONDS": "1"},
+            stdout=(up.home.parent / "worker.log").open("ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        by_series = write_study(up.home.parent / "study", series=1)
+        (uid,) = by_series
+        up.send(by_series[uid][0].parent)
+        (live,) = wait_for("the worker to run process-series", lambda: completed(r := up.flow_runs("process-series", series_uid=uid)) and r, timeout=180)
+        assert live["work_queue_name"] == "live" and live["parameters"]["revision"] == 1
+        env = {**up.env, "PREFECT_API_URL": up.api}
+        started = subprocess.run(
+            [sys.executable, "-m", "prefect", "deployment", "run", "reprocess/reprocess", "--param", f'series_uid="{uid}"'],
+            env=env, capture_output=True, text=True, timeout=120,
+        )
+        assert started.returncode == 0, started.stdout + started.stderr
+        (backfill,) = wait_for("the worker to run reprocess", lambda: completed(r := up.flow_runs("reprocess", series_uid=uid)) and r, timeout=180)
+        assert backfill["work_queue_name"] == "backfill"
+        assert [(s.trigger, s.state) for s in up.sessions(uid)] == [(SERIES_STABLE, "completed"), ("reprocess", "completed")]
+    finally:
+        if worker is not None:
+            os.killpg(worker.pid, signal.SIGTERM)
+            worker.wait(timeout=60)
+        up.stop()

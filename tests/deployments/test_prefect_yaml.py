@@ -17,6 +17,7 @@ from deployments.loader import (
     DeclarationError,
     build_triggers,
     read_specs,
+    read_work_queues,
     runner_deployments,
     triggered_by,
 )
@@ -75,6 +76,21 @@ def test_the_deployment_an_event_starts_is_read_from_the_declaration() -> None:
         triggered_by("dicom.nothing")
 
 
+def test_event_started_runs_go_to_live_and_manual_ones_to_backfill_which_waits() -> None:
+    queues = read_work_queues()
+    assert queues["live"] < queues["backfill"]  # priority 1 is taken first
+    assert {s.name: s.work_queue for s in read_specs()} == {
+        "process-series": "live",
+        "process-study": "live",
+        "study-received": "live",
+        "reprocess": "backfill",
+        "import-folder": "backfill",
+    }
+    on_pool = {d.name: (d.work_pool_name, d.work_queue_name) for d in runner_deployments(work_pool="p")}
+    assert on_pool["process-series"] == ("p", "live") and on_pool["reprocess"] == ("p", "backfill")
+    assert {d.work_pool_name for d in runner_deployments()} == {None}  # served: no pool
+
+
 def test_a_bad_declaration_is_one_clear_error(tmp_path: Path) -> None:
     bad = tmp_path / "prefect.yaml"
     bad.write_text("deployments:\n  - name: x\n    entrypoint: flows/process.py:process_series\n")
@@ -105,6 +121,7 @@ def test_prefect_deploy_all_and_a_process_worker_run_the_declaration(prefect_ser
         found = httpx.get(f"{api}/deployments/name/{name}", timeout=10)
         assert found.status_code == 200, name
         assert found.json()["work_pool_name"] == "dcmflow"
+        assert found.json()["work_queue_name"] == ("live" if EXPECTED[name] else "backfill")
     automations = httpx.post(f"{api}/automations/filter", json={}, timeout=10).json()
     names = {a["name"] for a in automations}
     assert {"dicom-series-stable", "dicom-study-stable", "new-study"} <= names
