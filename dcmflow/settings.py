@@ -88,6 +88,9 @@ class Settings(BaseSettings):
     prefect_port: int = Field(
         DEFAULT_PREFECT_PORT, ge=1, le=65535, description="Port of the Prefect server that `dcmflow up` starts."
     )
+    max_backfill_runs: int = Field(
+        1, ge=1, description="Manual runs (reprocess, imports) that `dcmflow up` runs at once, beside the live ones."
+    )
     work_pool: str | None = Field(
         None,
         description="Prefect process work pool the flows run on (`dcmflow up` registers them there and "

@@ -4,8 +4,9 @@
 
 1. a Prefect server (``prefect server start``, its database under ``DCMFLOW_HOME/prefect``,
    kept between runs), unless ``PREFECT_API_URL`` names one, and waits until it is healthy;
-2. the process that serves ``deployments/prefect.yaml`` with its triggers
-   (``dcmflow serve-flows``), and waits until the deployments exist;
+2. the processes that serve ``deployments/prefect.yaml`` with its triggers (``dcmflow
+   serve-flows``, one per work queue: ``live`` runs never wait behind ``backfill`` ones), and
+   waits until the deployments exist; or, with a work pool, registers them there for workers;
 3. the DICOM receiver (SCP, ingest processes, completeness monitor) in this process.
 
 Children get ``DCMFLOW_HOME`` as an absolute path (served runs inherit this environment),
@@ -57,6 +58,7 @@ __all__ = [
     "ensure_work_pool",
     "ui_url_of",
     "resume_runs",
+    "create_run",
     "failed_actions",
     "action_watcher",
     "recent_flow_runs",
@@ -89,6 +91,8 @@ class StackConfig:
     prefect_host: str = "127.0.0.1"
     prefect_port: int = 4200
     max_flow_runs: int = 4
+    max_backfill_runs: int = 1
+    """Runs of the ``backfill`` queue's deployments (reprocess, imports) at once, beside the live ones."""
     work_pool: str | None = None
     """Register the deployments on this process work pool (workers run them) instead of serving."""
     poll_seconds: float = 0.5
@@ -282,7 +286,7 @@ class Stack:
         self._start_receiver = start_receiver
         self._stop_receiver: Callable[[], None] | None = None
         self.server: _Child | None = None
-        self.runner: _Child | None = None
+        self.runners: list[_Child] = []
         self.api_url = config.api_url or f"http://{config.prefect_host}:{config.prefect_port}/api"
         self.state: StackState | None = None
 
@@ -372,15 +376,20 @@ class Stack:
             if registering.process.wait(timeout=cfg.server_timeout) != 0:
                 raise StackError(f"could not register the deployments on work pool {cfg.work_pool}:\n{registering.tail()}")
             return
-        argv = [
-            *DCMFLOW_COMMAND,
-            "serve-flows",
-            *("--limit", str(cfg.max_flow_runs), "--poll", str(cfg.poll_seconds), "--stack-home", str(cfg.home)),
-        ]
-        # no parent-death signal: its guardian (watch_parent) stops the flow runs and jobs too
-        self.runner = self._spawn("serve-flows", argv, self.child_env(), die_with_parent=False)
-        from deployments.loader import read_specs
+        # One runner per work queue of the declaration: a backlog of manual runs (backfill)
+        # has runner slots of its own and never holds back the runs DICOM events start (live).
+        from deployments.loader import read_specs, read_work_queues
 
+        for queue in read_work_queues():
+            limit = cfg.max_backfill_runs if queue == "backfill" else cfg.max_flow_runs
+            argv = [
+                *DCMFLOW_COMMAND,
+                "serve-flows",
+                *("--queue", queue, "--limit", str(limit), "--poll", str(cfg.poll_seconds)),
+                *("--stack-home", str(cfg.home)),
+            ]
+            # no parent-death signal: its guardian (watch_parent) stops the flow runs and jobs too
+            self.runners.append(self._spawn(f"serve-flows-{queue}", argv, self.child_env(), die_with_parent=False))
         names = [spec.full_name for spec in read_specs()]
 
         def served() -> bool:
@@ -391,7 +400,8 @@ class Stack:
             except httpx.HTTPError:
                 return False
 
-        self._wait(served, self.runner, "the deployments to be served", cfg.server_timeout)
+        for runner in self.runners:
+            self._wait(served, runner, "the deployments to be served", cfg.server_timeout)
 
     def _wait(self, ready: Callable[[], bool], child: _Child, what: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -430,7 +440,7 @@ class Stack:
             objects=cfg.objects,
             started_at=dt.datetime.now(dt.UTC),
             server_pid=self.server.process.pid if self.server else None,
-            runner_pid=self.runner.process.pid if self.runner else None,
+            runner_pids=[runner.process.pid for runner in self.runners],
             work_pool=cfg.work_pool,
         )
         write_state(cfg.home, self.state)
@@ -440,7 +450,7 @@ class Stack:
 
     def check_children(self) -> None:
         """Raise :class:`StackError` when the server or the runner has exited."""
-        for child in (self.server, self.runner):
+        for child in (self.server, *self.runners):
             if child is not None and child.process.poll() is not None:
                 raise StackError(f"{child.name} exited (code {child.process.returncode}); its log: {child.log_path}\n{child.tail()}")
 
@@ -449,11 +459,11 @@ class Stack:
         if self._stop_receiver is not None:
             stop, self._stop_receiver = self._stop_receiver, None
             stop()
-        for child in (self.runner, self.server):
+        for child in (*self.runners, self.server):
             if child is not None:
                 log.info("stopping %s", child.name)
                 child.stop()
-        self.runner = self.server = None
+        self.runners, self.server = [], None
         stop_orphans(self.config.home)  # flow runs and jobs live in sessions of their own
         if self.state is not None:
             clear_state(self.config.home)
@@ -489,18 +499,28 @@ def _deployment_of(level: str) -> DeploymentSpec:
     return triggered_by(STABLE_EVENT_OF_LEVEL[level])
 
 
-def _start_run(api_url: str, level: str, uid: str, revision: int) -> dict[str, Any]:
-    """Create a run of the level's deployment for (uid, revision) through the REST API."""
-    found = httpx.get(f"{api_url}/deployments/name/{_deployment_of(level).full_name}", timeout=10)
+def create_run(api_url: str, deployment: str, parameters: dict[str, Any]) -> dict[str, Any]:
+    """Create a flow run of ``deployment`` (``flow/deployment``) through the REST API; the run as JSON.
+
+    Raises
+    ------
+    StackError
+        The server does not know the deployment (one line).
+    """
+    found = httpx.get(f"{api_url}/deployments/name/{deployment}", timeout=10)
+    if found.status_code == 404:
+        raise StackError(f"the Prefect server at {api_url} has no deployment {deployment}: is dcmflow up running?")
     found.raise_for_status()
-    uid_param = "series_uid" if level == "series" else "study_uid"
-    created = httpx.post(
-        f"{api_url}/deployments/{found.json()['id']}/create_flow_run",
-        json={"parameters": {uid_param: uid, "revision": revision, "trigger": "recovery"}},
-        timeout=10,
-    )
+    created = httpx.post(f"{api_url}/deployments/{found.json()['id']}/create_flow_run", json={"parameters": parameters}, timeout=10)
     created.raise_for_status()
     return dict(created.json())
+
+
+def _start_run(api_url: str, level: str, uid: str, revision: int) -> dict[str, Any]:
+    """A recovery run of the level's deployment for (uid, revision)."""
+    uid_param = "series_uid" if level == "series" else "study_uid"
+    parameters = {uid_param: uid, "revision": revision, "trigger": "recovery"}
+    return create_run(api_url, _deployment_of(level).full_name, parameters)
 
 
 def _runs_of(api_url: str, level: str) -> set[tuple[str, int]]:

@@ -41,8 +41,8 @@ class StackState(BaseModel):
     started_at: dt.datetime
     server_pid: int | None = None
     """The Prefect server that ``up`` started (its own process group), or None for an external one."""
-    runner_pid: int | None = None
-    """The process serving the deployments (its own process group); None with a work pool."""
+    runner_pids: list[int] = []
+    """The processes serving the deployments, one per work queue (none with a work pool)."""
     work_pool: str | None = None
     """The process work pool the flows run on (``DCMFLOW_WORK_POOL``), or None when served here."""
 

@@ -11,6 +11,7 @@ decides anything: the flows live in ``flows/``, the stack in ``dcmflow/``.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -144,18 +145,23 @@ def build_triggers(spec: DeploymentSpec) -> list[DeploymentTriggerTypes]:
     return triggers
 
 
-def runner_deployments(path: Path = PREFECT_YAML, *, work_pool: str | None = None) -> list[RunnerDeployment]:
+def runner_deployments(
+    path: Path = PREFECT_YAML, *, work_pool: str | None = None, queues: Sequence[str] | None = None
+) -> list[RunnerDeployment]:
     """Every deployment of ``path`` as a ``RunnerDeployment``: for ``prefect.serve``, or, with
     ``work_pool``, to register on that pool (each on its declared queue) for workers to run.
 
     The entrypoint is recorded as the module path (not a file of this checkout), so a run
-    starts wherever dcmflow is installed.
+    starts wherever dcmflow is installed. ``queues`` keeps only the deployments declared on
+    those work queues (``dcmflow up`` serves ``live`` and ``backfill`` in runners of their own).
     """
     from prefect.flows import load_flow_from_entrypoint
     from prefect.types.entrypoint import EntrypointType
 
     deployments: list[RunnerDeployment] = []
     for spec in read_specs(path):
+        if queues is not None and spec.work_queue not in queues:
+            continue
         flow: Flow[..., Any] = load_flow_from_entrypoint(spec.entrypoint, use_placeholder_flow=False)
         if flow.name != spec.flow_name:
             raise DeclarationError(f"{path}: {spec.entrypoint} is flow {flow.name!r}, expected {spec.flow_name!r}")

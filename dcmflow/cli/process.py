@@ -9,11 +9,13 @@ shows progress. With no ``PREFECT_API_URL`` Prefect starts its ephemeral local s
 
 from __future__ import annotations
 
+import datetime as dt
 import subprocess
 import sys
 import time
 from typing import TYPE_CHECKING
 
+import httpx
 import typer
 
 from dcmflow.cli._common import load_settings
@@ -101,23 +103,85 @@ def process(
     _run(settings, series_uid, only_jobs=None, trigger="manual", max_parallel=max_parallel, as_json=as_json)
 
 
+def _check_jobs(settings: Settings, job: list[str]) -> None:
+    if not job:
+        return
+    from dcmflow.wiring import repository_from
+
+    known = {j.job_name for s in repository_from(settings).list_services() for j in s.jobs}
+    unknown = [name for name in job if name not in known]
+    if unknown:
+        fail(f"no installed job named {unknown[0]!r} (installed: {', '.join(sorted(known)) or 'none'})")
+
+
+def _backfill(settings: Settings, since: dt.datetime | None, job: list[str], as_json: bool) -> None:
+    """Queue one run of the reprocess deployment per series (received since ``since``) on the stack."""
+    from deployments.loader import read_specs
+    from storage.errors import StorageError
+
+    from dcmflow.cli._common import open_repository
+    from dcmflow.stack import StackError, create_run
+    from dcmflow.stack_state import read_state
+
+    state = read_state(settings.home.resolve())
+    api_url = state.api_url if state is not None else settings.prefect_api_url
+    if api_url is None:
+        fail(f"no running stack for DCMFLOW_HOME={settings.home.resolve()} and no PREFECT_API_URL: start `dcmflow up`")
+    deployment = next(spec.full_name for spec in read_specs() if spec.flow_name == "reprocess")
+    repository = open_repository(settings)
+    cutoff = since.astimezone(dt.UTC) if since is not None else None
+    queued: list[dict[str, str]] = []
+    offset, page = 0, 500
+    try:
+        while True:
+            series = repository.list_series(limit=page, offset=offset)  # newest first
+            for record in series:
+                if cutoff is not None and (record.last_received_at is None or record.last_received_at < cutoff):
+                    series = []
+                    break
+                run = create_run(api_url, deployment, {"series_uid": record.series_uid, "only_jobs": job or None})
+                queued.append({"series_uid": record.series_uid, "flow_run_id": run["id"], "flow_run": run["name"]})
+            if len(series) < page:
+                break
+            offset += page
+    except (StackError, StorageError, httpx.HTTPError) as exc:
+        fail(f"{exc} ({len(queued)} run(s) queued before)")
+    if as_json:
+        emit(queued, True)
+        return
+    info(f"queued {len(queued)} reprocess run(s) of {deployment} on its queue (backfill): live runs go first")
+    info("follow them with: dcmflow status, or in the Prefect UI")
+
+
 def reprocess(
-    series_uid: str = typer.Argument(..., help="Series Instance UID of a received series."),
+    series_uid: str | None = typer.Argument(None, help="Series Instance UID of a received series."),
+    all_series: bool = typer.Option(
+        False, "--all", help="Queue a reprocess run of every received series on the running stack (backfill)."
+    ),
+    since: dt.datetime | None = typer.Option(
+        None, "--since", help="Like --all, for the series last received at or after this (local) time, e.g. 2026-12-01."
+    ),
     job: list[str] = typer.Option([], "--job", help="Re-run only this job and what depends on it (repeatable)."),
     wait: bool = typer.Option(False, "--wait", help="Run here and wait; print the job table."),
     max_parallel: int | None = typer.Option(None, "--max-parallel", min=1, help="Jobs at once."),
-    as_json: bool = typer.Option(False, "--json", help="Print the job records as JSON (with --wait)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the job records (or queued runs) as JSON."),
 ) -> None:
-    """Re-run a series with the current service versions, as a new session."""
-    settings = load_settings()
-    _check_series(settings, series_uid)
-    if job:
-        from dcmflow.wiring import repository_from
+    """Re-run a series with the current service versions, as a new session.
 
-        known = {j.job_name for s in repository_from(settings).list_services() for j in s.jobs}
-        unknown = [name for name in job if name not in known]
-        if unknown:
-            fail(f"no installed job named {unknown[0]!r} (installed: {', '.join(sorted(known)) or 'none'})")
+    With --all or --since, every (recent) series gets a reprocess run on the running stack's
+    backfill queue instead: runs started by DICOM events keep going first.
+    """
+    settings = load_settings()
+    if all_series or since is not None:
+        if series_uid is not None or wait:
+            fail("--all/--since queue runs for many series on the running stack: give no UID and no --wait")
+        _check_jobs(settings, job)
+        _backfill(settings, since, job, as_json)
+        return
+    if series_uid is None:
+        fail("give a Series Instance UID, or --all / --since to reprocess many series")
+    _check_series(settings, series_uid)
+    _check_jobs(settings, job)
     if not wait:
         extra = [a for name in job for a in ("--job", name)]
         extra += ["--max-parallel", str(max_parallel)] if max_parallel else []

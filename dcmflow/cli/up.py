@@ -60,7 +60,8 @@ def _banner(stack: Stack, settings: Settings) -> None:
             f"  flows         on work pool {state.work_pool} (queues by priority: {', '.join(read_work_queues())}); workers: "
             f"`PREFECT_API_URL={state.api_url} prefect worker start --pool {state.work_pool} --limit 4`"
             if state.work_pool
-            else f"  flows         served here ({settings.max_flow_runs} runs at once)"
+            else f"  flows         served here: {settings.max_flow_runs} live runs and {settings.max_backfill_runs} "
+            "backfill run(s) at once"
         ),
         f"  data          {state.home}",
         f"  records       {state.database}",
@@ -119,6 +120,7 @@ def up(
         prefect_host=settings.prefect_host,
         prefect_port=settings.prefect_port,
         max_flow_runs=settings.max_flow_runs,
+        max_backfill_runs=settings.max_backfill_runs,
         work_pool=settings.work_pool,
         ae_title=settings.ae_title,
         dicom_port=settings.dicom_port,
@@ -176,6 +178,7 @@ def up(
 def serve_flows(
     limit: int = typer.Option(4, "--limit", min=1, help="Flow runs at once."),
     poll: float = typer.Option(0.5, "--poll", min=0.1, help="Seconds between polls for scheduled runs."),
+    queue: list[str] = typer.Option([], "--queue", help="Serve only the deployments declared on this work queue (repeatable)."),
     stack_home: Path | None = typer.Option(
         None, "--stack-home", help="Stop the stack's processes (marked with this home) when the parent dies."
     ),
@@ -190,7 +193,7 @@ def serve_flows(
 
         watch_parent(stack_home)
 
-    serve(*runner_deployments(), limit=limit, query_seconds=poll, print_starting_message=False)
+    serve(*runner_deployments(queues=queue or None), limit=limit, query_seconds=poll, print_starting_message=False)
 
 
 def register_flows(

@@ -58,7 +58,7 @@ from pathlib import Path
 
 def count(jobName, headers, params, added_params, **kwargs):
     ledger = Path(params["home"]) / "ledger.txt"
-    sleep = float(params["sleep"])
+    sleep = 0 if headers.get("SeriesDescription") == "FAST" else float(params["sleep"])
     with ledger.open("a") as fh:
         fh.write(f"start {headers['seriesId']} {os.getpid()}\\n")
     time.sleep(sleep)
@@ -177,13 +177,16 @@ class Up:
         return path.read_text().splitlines() if path.exists() else []
 
 
-def write_study(folder: Path, *, series: int = 2, slices: int = 4, study_uid: str | None = None, seed: int = 0) -> dict[str, list[Path]]:
+def write_study(
+    folder: Path, *, series: int = 2, slices: int = 4, study_uid: str | None = None, seed: int = 0, description: str | None = None
+) -> dict[str, list[Path]]:
     """A CT study of ``series`` series as files; returns the files by series UID."""
     folder.mkdir(parents=True, exist_ok=True)
     study_uid = study_uid or generate_uid()
     by_series: dict[str, list[Path]] = {}
     for index in range(series):
-        datasets = make_ct_series(slices, 32, 32, study_uid=study_uid, seed=seed + index)
+        extra = {"series_description": description} if description else {}
+        datasets = make_ct_series(slices, 32, 32, study_uid=study_uid, seed=seed + index, **extra)
         uid = str(datasets[0].SeriesInstanceUID)
         for number, ds in enumerate(datasets):
             path = folder / f"{uid}-{number}.dcm"
@@ -336,8 +339,8 @@ def test_kill_9_mid_flow_then_restart_processes_the_series_exactly_once(tmp_path
         job_pid = int(next(line for line in up.ledger() if line.startswith("start")).split()[2])
         # the server, the runner, the flow run and its job all stop with up (nothing to trip over)
         wait_for("every process of the stack to stop", lambda: not _marked(up.home), timeout=30)
-        assert first.server_pid and first.runner_pid
-        assert not any(pid_alive(p) for p in (first.server_pid, first.runner_pid, job_pid))
+        assert first.server_pid and len(first.runner_pids) == 2  # live and backfill
+        assert not any(pid_alive(p) for p in (first.server_pid, *first.runner_pids, job_pid))
         second = up.start()  # marks the interrupted session crashed and starts its revision again
         wait_for(
             "the series to be processed after the restart",
@@ -361,7 +364,7 @@ def test_with_a_work_pool_workers_run_live_runs_and_backfills_on_their_queues(tm
     state = up.start()
     worker: subprocess.Popen[bytes] | None = None
     try:
-        assert state.work_pool == "e2e-pool" and state.runner_pid is None
+        assert state.work_pool == "e2e-pool" and state.runner_pids == []
         queues = httpx.post(f"{up.api}/work_pools/e2e-pool/queues/filter", json={}, timeout=10).json()
         priorities = {q["name"]: q["priority"] for q in queues}
         assert priorities["live"] < priorities["backfill"]
@@ -391,3 +394,39 @@ def test_with_a_work_pool_workers_run_live_runs_and_backfills_on_their_queues(tm
             os.killpg(worker.pid, signal.SIGTERM)
             worker.wait(timeout=60)
         up.stop()
+
+
+def test_a_live_series_does_not_wait_behind_a_reprocessing_backlog(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """One live and one backfill slot: with one runner for both, the new series would wait ~20 s."""
+    up = make_up(tmp_path_factory.mktemp("backfill"), "home", job_sleep=8)
+    up.extra_env["DCMFLOW_MAX_FLOW_RUNS"] = "1"
+    up.start()
+    try:
+        old = write_study(up.home.parent / "old", series=2)
+        up.send(up.home.parent / "old")
+        for uid in old:
+            wait_for(f"{uid} processed", lambda uid=uid: completed(up.flow_runs("process-series", series_uid=uid)), timeout=180)
+        backfill = up.dcmflow("reprocess", "--all", "--json", check=False)
+        assert backfill.returncode == 0, backfill.stderr
+        queued = json.loads(backfill.stdout)
+        assert sorted(q["series_uid"] for q in queued) == sorted(old)  # one backfill run per series
+
+        def backlog() -> list[dict[str, Any]]:
+            return [r for q in queued for r in up.flow_runs("reprocess", series_uid=q["series_uid"])]
+
+        new = write_study(up.home.parent / "new", series=1, description="FAST")  # its job does not sleep
+        (uid,) = new
+        up.send(up.home.parent / "new")
+        (live,) = wait_for("the new series' run to complete", lambda: completed(r := up.flow_runs("process-series", series_uid=uid)) and r, timeout=180)
+        # 8 s backfill jobs, one at a time: the live run finished before the second one started
+        assert any(r["start_time"] is None or r["start_time"] > live["end_time"] for r in backlog()), backlog()
+        wait_for("the backlog to finish", lambda: completed(backlog()), timeout=240)
+    finally:
+        up.stop()
+
+
+def test_backfill_without_a_stack_is_one_line(tmp_path: Path) -> None:
+    up = Up(tmp_path / "home", free_port(), free_port())
+    done = up.dcmflow("reprocess", "--all", check=False)
+    assert done.returncode == 1
+    assert done.stderr.strip().startswith("Error: no running stack for DCMFLOW_HOME=") and "\n" not in done.stderr.strip()
