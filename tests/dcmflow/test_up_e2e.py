@@ -172,6 +172,9 @@ class Up:
         runs = httpx.post(f"{self.api}/flow_runs/filter", json=body, timeout=10).json()
         return [r for r in runs if all(r["parameters"].get(k) == v for k, v in parameters.items())]
 
+    def install_service(self, job_sleep: float) -> None:
+        self.dcmflow("services", "install", str(write_service(self.home.parent / f"{self.home.name}-service", self.home, job_sleep)))
+
     def ledger(self) -> list[str]:
         path = self.home / "ledger.txt"
         return path.read_text().splitlines() if path.exists() else []
@@ -195,11 +198,12 @@ def write_study(
     return by_series
 
 
-def make_up(root: Path, name: str, job_sleep: float = 0.0) -> Up:
+def make_up(root: Path, name: str, job_sleep: float = 0.0, *, install: bool = True) -> Up:
     home = root / name
     home.mkdir(parents=True)
     up = Up(home, free_port(), free_port())
-    up.dcmflow("services", "install", str(write_service(root / f"{name}-service", home, job_sleep)))
+    if install:
+        up.install_service(job_sleep)
     return up
 
 
@@ -398,14 +402,15 @@ def test_with_a_work_pool_workers_run_live_runs_and_backfills_on_their_queues(tm
 
 def test_a_live_series_does_not_wait_behind_a_reprocessing_backlog(tmp_path_factory: pytest.TempPathFactory) -> None:
     """One live and one backfill slot: with one runner for both, the new series would wait ~20 s."""
-    up = make_up(tmp_path_factory.mktemp("backfill"), "home", job_sleep=8)
+    up = make_up(tmp_path_factory.mktemp("backfill"), "home", install=False)
     up.extra_env["DCMFLOW_MAX_FLOW_RUNS"] = "1"
     up.start()
     try:
         old = write_study(up.home.parent / "old", series=2)
         up.send(up.home.parent / "old")
-        for uid in old:
+        for uid in old:  # no service yet: quick runs that select no job
             wait_for(f"{uid} processed", lambda uid=uid: completed(up.flow_runs("process-series", series_uid=uid)), timeout=180)
+        up.install_service(job_sleep=8)
         backfill = up.dcmflow("reprocess", "--all", "--json", check=False)
         assert backfill.returncode == 0, backfill.stderr
         queued = json.loads(backfill.stdout)
