@@ -380,17 +380,23 @@ class Stack:
         # has runner slots of its own and never holds back the runs DICOM events start (live).
         from deployments.loader import read_specs, read_work_queues
 
-        for queue in read_work_queues():
+        specs, declared = read_specs(), list(read_work_queues())
+        unserved = [spec.name for spec in specs if declared and spec.work_queue not in declared]
+        if unserved:
+            raise StackError(f"deployments/prefect.yaml: {', '.join(unserved)} on no declared work queue ({', '.join(declared)})")
+        queues: list[str | None] = [*declared] or [None]  # no queues declared: one runner serves everything
+        for queue in queues:
             limit = cfg.max_backfill_runs if queue == "backfill" else cfg.max_flow_runs
             argv = [
                 *DCMFLOW_COMMAND,
                 "serve-flows",
-                *("--queue", queue, "--limit", str(limit), "--poll", str(cfg.poll_seconds)),
-                *("--stack-home", str(cfg.home)),
+                *(("--queue", queue) if queue else ()),
+                *("--limit", str(limit), "--poll", str(cfg.poll_seconds), "--stack-home", str(cfg.home)),
             ]
             # no parent-death signal: its guardian (watch_parent) stops the flow runs and jobs too
-            self.runners.append(self._spawn(f"serve-flows-{queue}", argv, self.child_env(), die_with_parent=False))
-        names = [spec.full_name for spec in read_specs()]
+            name = f"serve-flows-{queue}" if queue else "serve-flows"
+            self.runners.append(self._spawn(name, argv, self.child_env(), die_with_parent=False))
+        names = [spec.full_name for spec in specs]
 
         def served() -> bool:
             try:
