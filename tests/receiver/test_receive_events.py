@@ -112,6 +112,17 @@ def _wait_stable(env: Env, series_uid: str, receiver: ReceiverProcess, timeout: 
     assert series is not None and series.state == "stable", receiver.output()
 
 
+def _send_series_one_by_one(env: Env, receiver: ReceiverProcess, *series: list[Any]) -> None:
+    """C-STORE each series in its own association, wait until it is stable, then idle 2 s more."""
+    for datasets in series:
+        assoc = _associate(receiver.port)
+        for ds in datasets:
+            assert assoc.send_c_store(ds).Status == status.SUCCESS
+        assoc.release()
+        _wait_stable(env, datasets[0].SeriesInstanceUID, receiver)
+    time.sleep(2)
+
+
 def _emitter_lines(output: str) -> list[str]:
     return [line for line in output.splitlines() if "receiver.events" in line]
 
@@ -121,13 +132,7 @@ def test_without_a_prefect_api_url_the_receiver_says_once_that_events_are_off(en
     first, second = make_small_series(2, seed=91), make_small_series(2, seed=92)
     receiver = ReceiverProcess(env.root, free_port(), workers=1, extra_env={"DCMFLOW_STABLE_AGE": "1"})
     try:
-        for datasets in (first, second):  # two series, several ticks apart: two refused emits
-            assoc = _associate(receiver.port)
-            for ds in datasets:
-                assert assoc.send_c_store(ds).Status == status.SUCCESS
-            assoc.release()
-            _wait_stable(env, datasets[0].SeriesInstanceUID, receiver)
-        time.sleep(2)
+        _send_series_one_by_one(env, receiver, first, second)  # several ticks apart: two refused emits
     finally:
         assert receiver.terminate() == 0, receiver.output()
     lines = _emitter_lines(receiver.output())
@@ -146,13 +151,7 @@ def test_an_unreachable_prefect_is_one_warning_with_the_reason(env: Env) -> None
         env.root, free_port(), workers=1, extra_env={"PREFECT_API_URL": dead, "DCMFLOW_STABLE_AGE": "1"}
     )
     try:
-        for datasets in (first, second):  # two series: two failed flushes (and the study events)
-            assoc = _associate(receiver.port)
-            for ds in datasets:
-                assert assoc.send_c_store(ds).Status == status.SUCCESS
-            assoc.release()
-            _wait_stable(env, datasets[0].SeriesInstanceUID, receiver)
-        time.sleep(2)
+        _send_series_one_by_one(env, receiver, first, second)  # two failed flushes (and the study events)
     finally:
         assert receiver.terminate() == 0, receiver.output()
     output = receiver.output()
