@@ -39,6 +39,19 @@ import httpx
 
 from tasks.execution import pid_alive
 
+from dcmflow.prefect_api import (
+    FINAL_STATES,
+    NoSuchDeployment,
+    crash_flow_run,
+    create_run,
+    failed_actions,
+    flow_run_state,
+    healthy,
+    recent_flow_runs,
+    run_parameters,
+    ui_url_of,
+)
+
 from dcmflow.stack_state import StackState, clear_state, read_state, write_state
 
 if TYPE_CHECKING:
@@ -56,12 +69,8 @@ __all__ = [
     "port_in_use",
     "watch_parent",
     "ensure_work_pool",
-    "ui_url_of",
     "resume_runs",
-    "create_run",
-    "failed_actions",
     "action_watcher",
-    "recent_flow_runs",
     "collect_status",
 ]
 
@@ -222,18 +231,6 @@ def ensure_work_pool(pool: str, queues: dict[str, int]) -> list[str]:
     return done
 
 
-def _healthy(api_url: str, timeout: float = 2.0) -> bool:
-    try:
-        return httpx.get(f"{api_url}/health", timeout=timeout).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def ui_url_of(api_url: str) -> str:
-    """The UI beside an API URL (``…/api`` → ``…``)."""
-    return api_url.removesuffix("/").removesuffix("/api")
-
-
 @dataclass
 class _Child:
     name: str
@@ -350,7 +347,7 @@ class Stack:
         """Start ``prefect server start`` (unless external) and wait until it answers."""
         cfg = self.config
         if cfg.api_url is not None:
-            if not _healthy(cfg.api_url, timeout=10):
+            if not healthy(cfg.api_url, timeout=10):
                 raise StackError(f"the Prefect server at PREFECT_API_URL={cfg.api_url} does not answer {cfg.api_url}/health")
             return
         prefect_home = cfg.home / "prefect"
@@ -363,7 +360,7 @@ class Stack:
         argv = [sys.executable, "-m", "prefect", "server", "start", "--host", cfg.prefect_host, "--port", str(cfg.prefect_port)]
         log.info("starting the Prefect server on %s:%d (database under %s)", cfg.prefect_host, cfg.prefect_port, prefect_home)
         self.server = self._spawn("prefect-server", argv, env)
-        self._wait(lambda: _healthy(self.api_url), self.server, "the Prefect server to answer", cfg.server_timeout)
+        self._wait(lambda: healthy(self.api_url), self.server, "the Prefect server to answer", cfg.server_timeout)
 
     def start_runner(self) -> None:
         """Serve ``deployments/prefect.yaml`` (a child process), or register it on the work pool;
@@ -428,7 +425,7 @@ class Stack:
             if self.repository is not None:
                 try:
                     self.resumed = resume_runs(self.api_url, self.repository, own_server=self.server is not None)
-                except httpx.HTTPError as exc:
+                except (httpx.HTTPError, NoSuchDeployment) as exc:
                     log.error("could not resume interrupted runs (their sessions stay marked running): %s", exc)
             self._stop_receiver = self._start_receiver()
         except BaseException:
@@ -478,21 +475,6 @@ class Stack:
 
 # --------------------------------------------------------------------------- around the stack
 
-FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-
-
-def _flow_run_state(api_url: str, flow_run_id: str | None) -> str | None:
-    """The state type of a flow run (``RUNNING`` …), or None when the server does not know it."""
-    if not flow_run_id:
-        return None
-    response = httpx.get(f"{api_url}/flow_runs/{flow_run_id}", timeout=10)
-    if response.status_code == 404:
-        return None
-    response.raise_for_status()
-    state = response.json().get("state") or {}
-    return state.get("type")
-
-
 STABLE_EVENT_OF_LEVEL = {"series": "dicom.series.stable", "study": "dicom.study.stable"}
 """A (series or study, revision) is processed by the deployment prefect.yaml starts on this event."""
 UNCLAIMED_WINDOW = dt.timedelta(days=1)
@@ -505,23 +487,6 @@ def _deployment_of(level: str) -> DeploymentSpec:
     return triggered_by(STABLE_EVENT_OF_LEVEL[level])
 
 
-def create_run(api_url: str, deployment: str, parameters: dict[str, Any]) -> dict[str, Any]:
-    """Create a flow run of ``deployment`` (``flow/deployment``) through the REST API; the run as JSON.
-
-    Raises
-    ------
-    StackError
-        The server does not know the deployment (one line).
-    """
-    found = httpx.get(f"{api_url}/deployments/name/{deployment}", timeout=10)
-    if found.status_code == 404:
-        raise StackError(f"the Prefect server at {api_url} has no deployment {deployment}: is dcmflow up running?")
-    found.raise_for_status()
-    created = httpx.post(f"{api_url}/deployments/{found.json()['id']}/create_flow_run", json={"parameters": parameters}, timeout=10)
-    created.raise_for_status()
-    return dict(created.json())
-
-
 def _start_run(api_url: str, level: str, uid: str, revision: int) -> dict[str, Any]:
     """A recovery run of the level's deployment for (uid, revision)."""
     uid_param = "series_uid" if level == "series" else "study_uid"
@@ -529,14 +494,10 @@ def _start_run(api_url: str, level: str, uid: str, revision: int) -> dict[str, A
     return create_run(api_url, _deployment_of(level).full_name, parameters)
 
 
-def _runs_of(api_url: str, level: str) -> set[tuple[str, int]]:
+def _runs_of(api_url: str, level: str) -> set[tuple[Any, Any]]:
     """(uid, revision) of every run of the level's deployment the server knows (any state)."""
-    name = _deployment_of(level).name
     uid_param = "series_uid" if level == "series" else "study_uid"
-    body = {"deployments": {"name": {"any_": [name]}}, "sort": "EXPECTED_START_TIME_DESC", "limit": 200}
-    response = httpx.post(f"{api_url}/flow_runs/filter", json=body, timeout=10)
-    response.raise_for_status()
-    return {(r["parameters"].get(uid_param), r["parameters"].get("revision")) for r in response.json()}
+    return {(p.get(uid_param), p.get("revision")) for p in run_parameters(api_url, _deployment_of(level).name)}
 
 
 def resume_runs(api_url: str, repository: Repository, *, own_server: bool, now: dt.datetime | None = None) -> list[str]:
@@ -555,18 +516,14 @@ def resume_runs(api_url: str, repository: Repository, *, own_server: bool, now: 
     now = now or dt.datetime.now(dt.UTC)
     started = []
     for claim in repository.list_stale_claims():
-        state = _flow_run_state(api_url, claim.flow_run_id)
+        state = flow_run_state(api_url, claim.flow_run_id)
         if state is not None and state not in FINAL_STATES and not own_server:
             continue  # an external server: another runner may still be running it
         reason = f"interrupted: dcmflow up stopped while flow run {claim.flow_run_id} ran"
         if not repository.release_claim(claim.session_id, reason=reason):
             continue
-        if state is not None and state not in FINAL_STATES:
-            httpx.post(
-                f"{api_url}/flow_runs/{claim.flow_run_id}/set_state",
-                json={"state": {"type": "CRASHED", "message": reason}, "force": True},
-                timeout=10,
-            ).raise_for_status()
+        if claim.flow_run_id and state is not None and state not in FINAL_STATES:
+            crash_flow_run(api_url, claim.flow_run_id, reason)
         run = _start_run(api_url, claim.level, claim.uid, claim.revision)
         started.append(run["id"])
         log.warning(
@@ -590,36 +547,6 @@ def resume_runs(api_url: str, repository: Repository, *, own_server: bool, now: 
     return started
 
 
-ACTION_FAILED = "prefect.automation.action.failed"
-
-
-def failed_actions(api_url: str, since: dt.datetime, limit: int = 50) -> list[dict[str, Any]]:
-    """Automation actions the server could not carry out since ``since`` (oldest first).
-
-    A trigger whose templated parameters the deployment refuses (a string for an int …)
-    leaves no flow run behind, only this event: ``up`` logs it and ``status`` shows it.
-    """
-    body = {
-        "filter": {"event": {"name": [ACTION_FAILED]}, "occurred": {"since": since.isoformat()}},
-        "limit": limit,
-    }
-    response = httpx.post(f"{api_url}/events/filter", json=body, timeout=10)
-    response.raise_for_status()
-    found = []
-    for event in response.json().get("events", []):
-        resource = event.get("resource", {})
-        payload = event.get("payload", {})
-        found.append(
-            {
-                "id": event["id"],
-                "occurred": event["occurred"],
-                "automation": resource.get("prefect.resource.name", resource.get("prefect.resource.id", "")),
-                "reason": payload.get("reason") or payload.get("action_type") or str(payload)[:300],
-            }
-        )
-    return sorted(found, key=lambda f: f["occurred"])
-
-
 def action_watcher(api_url: str) -> Callable[[], list[dict[str, Any]]]:
     """A callable that logs (once each) the automation actions that failed since it was made."""
     since = dt.datetime.now(dt.UTC)
@@ -637,34 +564,6 @@ def action_watcher(api_url: str) -> Callable[[], list[dict[str, Any]]]:
         return new
 
     return check
-
-
-def recent_flow_runs(api_url: str, limit: int = 10) -> list[dict[str, Any]]:
-    """The latest flow runs (newest first): name, deployment, state, start time and UI link."""
-    response = httpx.post(f"{api_url}/flow_runs/filter", json={"sort": "EXPECTED_START_TIME_DESC", "limit": limit}, timeout=10)
-    response.raise_for_status()
-    deployments: dict[str, str] = {}
-    runs = []
-    for run in response.json():
-        deployment_id = run.get("deployment_id")
-        if deployment_id and deployment_id not in deployments:
-            found = httpx.get(f"{api_url}/deployments/{deployment_id}", timeout=10)
-            deployments[deployment_id] = found.json().get("name", "") if found.status_code == 200 else ""
-        state = run.get("state") or {}
-        runs.append(
-            {
-                "id": run["id"],
-                "name": run["name"],
-                "deployment": deployments.get(deployment_id or "", ""),
-                "state": state.get("name", ""),
-                "state_type": state.get("type", ""),
-                "message": state.get("message") or "",
-                "start_time": run.get("start_time"),
-                "parameters": run.get("parameters", {}),
-                "url": f"{ui_url_of(api_url)}/runs/flow-run/{run['id']}",
-            }
-        )
-    return runs
 
 
 def collect_status(settings: Settings) -> dict[str, Any]:
@@ -692,7 +591,7 @@ def collect_status(settings: Settings) -> dict[str, Any]:
     ]
     report["spool_backlog"] = Spool(settings.spool_dir).count() if settings.spool_dir.is_dir() else 0
     if state is not None:
-        report["prefect_healthy"] = _healthy(state.api_url)
+        report["prefect_healthy"] = healthy(state.api_url)
         if report["prefect_healthy"]:
             report["flow_runs"] = recent_flow_runs(state.api_url)
             report["failed_actions"] = failed_actions(state.api_url, state.started_at)

@@ -120,7 +120,7 @@ def _backfill(settings: Settings, since: dt.datetime | None, job: list[str], as_
     from storage.errors import StorageError
 
     from dcmflow.cli._common import open_repository
-    from dcmflow.stack import StackError, create_run
+    from dcmflow.prefect_api import NoSuchDeployment, create_run
     from dcmflow.stack_state import read_state
 
     state = read_state(settings.home.resolve())
@@ -144,7 +144,7 @@ def _backfill(settings: Settings, since: dt.datetime | None, job: list[str], as_
             if len(series) < page:
                 break
             offset += page
-    except (StackError, StorageError, httpx.HTTPError) as exc:
+    except (NoSuchDeployment, StorageError, httpx.HTTPError) as exc:
         fail(f"{exc} ({len(queued)} run(s) queued before)")
     if as_json:
         emit(queued, True)
