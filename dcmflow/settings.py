@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings"]
@@ -31,11 +31,20 @@ class Settings(BaseSettings):
 
     With nothing set, everything lives under ``DCMFLOW_HOME`` (``./.dcmflow``): a SQLite
     database, a local object store, the receive spool and installed services.
+
+    Paths are absolute once validated: ``home`` and the TLS files given relative are taken
+    relative to the current directory (``~`` expanded) and resolved, and so is the file of a
+    relative SQLite ``database_url``. A record, a child process or a flow run on a worker
+    therefore never gets a path that means something else in another working directory.
     """
 
     model_config = SettingsConfigDict(env_prefix="DCMFLOW_", extra="ignore")
 
-    home: Path = Field(DEFAULT_HOME, description="Folder for the embedded defaults (database, objects, spool, services).")
+    home: Path = Field(
+        DEFAULT_HOME,
+        validate_default=True,
+        description="Folder for the embedded defaults (database, objects, spool, services); made absolute.",
+    )
     database_url: str | None = Field(
         None, description="SQLAlchemy URL of the records database; unset = SQLite file in DCMFLOW_HOME."
     )
@@ -129,6 +138,31 @@ class Settings(BaseSettings):
         description="Seconds before the first webhook retry; each further retry waits twice as long.",
     )
 
+    @field_validator("home", "tls_cert", "tls_key", "tls_ca", mode="after")
+    @classmethod
+    def _absolute_path(cls, path: Path | None) -> Path | None:
+        return None if path is None else path.expanduser().resolve()
+
+    @field_validator("database_url", mode="after")
+    @classmethod
+    def _absolute_sqlite_file(cls, url: str | None) -> str | None:
+        """``sqlite:///rel.db`` names a file relative to the current directory: make it absolute."""
+        if not url or not url.startswith("sqlite"):
+            return url
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            parsed = make_url(url)
+        except ArgumentError:
+            return url  # not a URL at all: the engine says so, in its words, where it is opened
+        database = parsed.database
+        if not database or database == ":memory:" or database.startswith("file:") or "uri" in parsed.query:
+            return url
+        if Path(database).is_absolute():
+            return url
+        return parsed.set(database=str(Path(database).expanduser().resolve())).render_as_string(hide_password=False)
+
     @model_validator(mode="after")
     def _tls_pair(self) -> Settings:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -137,14 +171,14 @@ class Settings(BaseSettings):
 
     @property
     def effective_database_url(self) -> str:
-        """The database URL to use: ``database_url`` or the SQLite file under ``home``."""
+        """The database URL to use: ``database_url`` or the SQLite file under ``home`` (absolute)."""
         if self.database_url:
             return self.database_url
-        return f"sqlite:///{(self.home / 'dcmflow.db').resolve()}"
+        return f"sqlite:///{self.home / 'dcmflow.db'}"
 
     @property
     def objects_dir(self) -> Path:
-        """Root of the local object store (used when no S3 endpoint is set)."""
+        """Root of the local object store (used when no S3 endpoint is set); absolute, as ``home``."""
         return self.home / "objects"
 
     @property

@@ -573,7 +573,7 @@ def collect_status(settings: Settings) -> dict[str, Any]:
 
     from dcmflow.wiring import repository_from
 
-    home = settings.home.resolve()
+    home = settings.home
     state = read_state(home)
     report: dict[str, Any] = {
         "running": state is not None,

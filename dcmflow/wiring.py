@@ -54,7 +54,7 @@ def describe_object_store(settings: Settings) -> str:
     if settings.s3_endpoint:
         scheme = "https" if settings.s3_secure else "http"
         return f"s3 {scheme}://{settings.s3_endpoint}/{settings.s3_bucket}"
-    return f"local {settings.objects_dir.resolve()}"
+    return f"local {settings.objects_dir}"
 
 
 def describe_database(settings: Settings) -> str:

@@ -351,7 +351,7 @@ def demo(
     settings = load_settings()
     state = read_state(settings.home)
     if state is None:
-        fail(f"no running stack for DCMFLOW_HOME={settings.home.resolve()}: start it with `dcmflow up`")
+        fail(f"no running stack for DCMFLOW_HOME={settings.home}: start it with `dcmflow up`")
     repository = open_repository(settings)
     if describe_database(settings) != state.database:
         info(f"warning: the stack records into {state.database}, this shell's settings into "

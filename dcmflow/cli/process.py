@@ -123,10 +123,10 @@ def _backfill(settings: Settings, since: dt.datetime | None, job: list[str], as_
     from dcmflow.prefect_api import NoSuchDeployment, create_run
     from dcmflow.stack_state import read_state
 
-    state = read_state(settings.home.resolve())
+    state = read_state(settings.home)
     api_url = state.api_url if state is not None else settings.prefect_api_url
     if api_url is None:
-        fail(f"no running stack for DCMFLOW_HOME={settings.home.resolve()} and no PREFECT_API_URL: start `dcmflow up`")
+        fail(f"no running stack for DCMFLOW_HOME={settings.home} and no PREFECT_API_URL: start `dcmflow up`")
     deployment = next(spec.full_name for spec in read_specs() if spec.flow_name == "reprocess")
     repository = open_repository(settings)
     cutoff = since.astimezone(dt.UTC) if since is not None else None

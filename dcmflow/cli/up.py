@@ -42,7 +42,7 @@ ACTION_CHECK_SECONDS = 5.0
 def _describe_objects(settings: Settings) -> str:
     if settings.s3_endpoint:
         return f"s3://{settings.s3_endpoint}/{settings.s3_bucket}"
-    return str(settings.objects_dir.resolve())
+    return str(settings.objects_dir)
 
 
 def _banner(stack: Stack, settings: Settings) -> None:
@@ -111,8 +111,7 @@ def up(
     if prefect_port is not None:
         settings = settings.model_copy(update={"prefect_port": prefect_port})
     configure_logging(verbose)
-    home = settings.home.resolve()
-    settings = settings.model_copy(update={"home": home})
+    home = settings.home  # absolute (Settings resolves it)
     repository = open_repository(settings)  # a bad database is one line now, before anything starts
     config = StackConfig(
         home=home,

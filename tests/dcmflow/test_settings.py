@@ -9,12 +9,51 @@ from dcmflow.settings import Settings
 
 def test_defaults_live_under_home() -> None:
     s = Settings()
-    assert s.home == Path(".dcmflow")
+    assert s.home == Path(".dcmflow").resolve()
     assert s.ae_title == "DCMFLOW"
     assert s.dicom_port == 11112
     assert s.s3_endpoint is None
     assert s.effective_database_url == f"sqlite:///{(Path('.dcmflow') / 'dcmflow.db').resolve()}"
-    assert s.objects_dir == Path(".dcmflow/objects")
+    assert s.objects_dir == Path(".dcmflow/objects").resolve()
+
+
+def test_paths_are_absolute_and_keep_their_meaning(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Relative means relative to the directory the settings were built in, fixed then: a record
+    or a child process started elsewhere gets the same folders."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DCMFLOW_HOME", "link/./data")
+    monkeypatch.setenv("DCMFLOW_TLS_CERT", "certs/node.pem")
+    monkeypatch.setenv("DCMFLOW_TLS_KEY", "~/node.key")
+    s = Settings()
+    monkeypatch.chdir("/")
+    home = tmp_path.resolve() / "real" / "data"
+    assert s.home == home
+    assert (s.objects_dir, s.spool_dir, s.services_dir) == (home / "objects", home / "spool", home / "services")
+    assert s.effective_database_url == f"sqlite:///{home / 'dcmflow.db'}"
+    assert s.tls_cert == tmp_path.resolve() / "certs" / "node.pem"
+    assert s.tls_key == Path.home().resolve() / "node.key"
+    assert Settings(home=Path("rel")).home == Path("/rel")  # built in /, as arguments too
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("sqlite:///records.db", "sqlite:///{cwd}/records.db"),
+        ("sqlite+pysqlite:///sub/records.db?timeout=30", "sqlite+pysqlite:///{cwd}/sub/records.db?timeout=30"),
+        ("sqlite:////srv/dcmflow/records.db", "sqlite:////srv/dcmflow/records.db"),
+        ("sqlite://", "sqlite://"),
+        ("sqlite:///:memory:", "sqlite:///:memory:"),
+        ("postgresql+psycopg://u:p@db/records", "postgresql+psycopg://u:p@db/records"),
+    ],
+)
+def test_a_relative_sqlite_database_url_becomes_absolute(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, url: str, expected: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DCMFLOW_DATABASE_URL", url)
+    assert Settings().effective_database_url == expected.format(cwd=tmp_path.resolve())
 
 
 def test_environment_overrides(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
