@@ -30,7 +30,15 @@ Per-instance ``metadata`` is the DICOM JSON Model (PS3.18 §F.2) of the header, 
 ``stop_before_pixels=True``. Binary values over :data:`BULK_DATA_THRESHOLD` bytes and the
 pixel data are not inlined: they become ``BulkDataURI`` (PS3.18 §F.2.6) values of the form
 ``archives/{study}/{series}/part-NNNN.tar?offset=O&length=L`` pointing at the value bytes
-inside the part; :func:`read_bulk_data` resolves them with one ranged GET.
+inside the part; :func:`read_bulk_data` resolves them with one ranged GET. ``file_meta`` is
+the DICOM JSON of the PS3.10 §7.1 File Meta Information (group 0002), so
+:func:`instance_header` rebuilds exactly the header ``dcmread(stop_before_pixels=True)``
+gives, file meta included, from the index alone (indexes written before it was added lack
+it; :func:`instance_header` then says so).
+
+Reading a whole series: :func:`read_part_instances` streams one part with one GET and
+returns the requested instances, each checked against its SHA-256; a part that is missing
+or does not match the index raises :class:`~storage.errors.ArchiveError`, never wrong bytes.
 
 Concurrency: parts are created with ``put_if_absent``, so two appends racing for the same
 series cannot overwrite each other's part; the loser gets
@@ -53,10 +61,11 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 import pydicom
 import zstandard
+from pydicom.dataset import FileMetaDataset
 from pydicom.errors import InvalidDicomError
 
 from storage.errors import (
@@ -83,6 +92,8 @@ __all__ = [
     "append_instances",
     "read_series_index",
     "read_instance",
+    "read_part_instances",
+    "instance_header",
     "list_metadata",
     "read_bulk_data",
     "parse_bulk_data_uri",
@@ -106,6 +117,7 @@ MAX_PART_BYTES = 256 * 1024 * 1024
 on S3 a part is held in memory once while it is uploaded; this bounds that memory."""
 
 _INDEX_NAME = "index.json.zst"
+_STREAM_CHUNK = 1024 * 1024
 _URI_RE = re.compile(r"^(?P<key>[^?#]+)\?offset=(?P<offset>\d+)&length=(?P<length>\d+)$")
 _PIXEL_TAGS = {0x7FE00010: "PixelData", 0x7FE00008: "FloatPixelData", 0x7FE00009: "DoubleFloatPixelData"}
 _PIXEL_VR_DEFAULT = {0x7FE00010: "OW", 0x7FE00008: "OF", 0x7FE00009: "OD"}
@@ -145,6 +157,8 @@ class ArchivedInstance:
         SOP Class UID (0008,0016).
     metadata : dict
         DICOM JSON (PS3.18 §F.2) of the header, bulk data as ``BulkDataURI``.
+    file_meta : dict or None
+        DICOM JSON of the File Meta Information (PS3.10 §7.1); ``None`` in older indexes.
     """
 
     sop_uid: str
@@ -156,6 +170,7 @@ class ArchivedInstance:
     transfer_syntax: str
     sop_class: str
     metadata: dict[str, Any] = field(repr=False, compare=False)
+    file_meta: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -229,6 +244,7 @@ class SeriesIndex:
                     "transfer_syntax": e.transfer_syntax,
                     "sop_class": e.sop_class,
                     "metadata": e.metadata,
+                    **({"file_meta": e.file_meta} if e.file_meta is not None else {}),
                 }
                 for e in self.instances
             ],
@@ -261,6 +277,7 @@ class SeriesIndex:
                         transfer_syntax=e["transfer_syntax"],
                         sop_class=e["sop_class"],
                         metadata=e["metadata"],
+                        file_meta=e.get("file_meta"),
                     )
                     for e in doc["instances"]
                 ),
@@ -482,6 +499,7 @@ def _write_parts(
                             transfer_syntax=item.transfer_syntax,
                             sop_class=item.sop_class,
                             metadata=_metadata(item, key, start),
+                            file_meta=item.dataset.file_meta.to_json_dict(),
                         )
                     )
                     i += 1
@@ -673,6 +691,105 @@ def read_instance(
     if verify and hashlib.sha256(data).hexdigest() != entry.sha256:
         raise ArchiveError(f"instance {sop_uid} in {index.part_key(entry.part)} does not match its SHA-256")
     return data
+
+
+def _read_exact(stream: BinaryIO, length: int) -> bytes:
+    chunks: list[bytes] = []
+    remaining = length
+    while remaining > 0:
+        chunk = stream.read(min(remaining, _STREAM_CHUNK))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_part_instances(
+    store: ObjectStore, index: SeriesIndex, part: int, entries: Iterable[ArchivedInstance]
+) -> Iterator[tuple[ArchivedInstance, bytes]]:
+    """Stream part ``part`` with one GET and yield the bytes of ``entries``, in part order.
+
+    The part is read front to back and never held whole in memory; reading stops after the
+    last requested instance. Use it when most of a part is wanted (a whole series onto a new
+    machine); :func:`read_instance` reads one instance with one ranged GET.
+
+    Parameters
+    ----------
+    store : ObjectStore
+        Where the archive lives.
+    index : SeriesIndex
+        The series index (:func:`read_series_index`).
+    part : int
+        Part number; every entry must live in it.
+    entries : iterable of ArchivedInstance
+        Entries of ``index`` to return.
+
+    Yields
+    ------
+    tuple of (ArchivedInstance, bytes)
+        Each entry with its P10 bytes, checked against its SHA-256.
+
+    Raises
+    ------
+    ArchiveError
+        If the part is missing, shorter than the index says, or an instance in it does not
+        match its SHA-256 (the part is damaged: nothing wrong is yielded).
+    """
+    wanted = sorted({e.offset: e for e in entries}.values(), key=lambda e: e.offset)
+    key = index.part_key(part)
+    if any(e.part != part for e in wanted):
+        raise ValueError(f"entries of other parts passed for {key}")
+    if not wanted:
+        return
+    try:
+        stream = store.open_stream(key)
+    except ObjectNotFoundError:
+        raise ArchiveError(f"series archive part {key} is missing although its index lists it") from None
+    with stream:
+        position = 0
+        for entry in wanted:
+            if entry.offset < position:
+                raise ArchiveError(f"index of {key} has overlapping instances at offset {entry.offset}")
+            gap = entry.offset - position
+            skipped = len(_read_exact(stream, gap))
+            data = _read_exact(stream, entry.length)
+            position = entry.offset + entry.length
+            if skipped != gap or len(data) != entry.length:
+                raise ArchiveError(f"series archive part {key} ends before instance {entry.sop_uid}: it is truncated")
+            if hashlib.sha256(data).hexdigest() != entry.sha256:
+                raise ArchiveError(f"instance {entry.sop_uid} in {key} does not match its SHA-256: the part is damaged")
+            yield entry, data
+
+
+def _no_bulk_data(tag: str, vr: str, uri: str) -> None:
+    """Bulk values stay empty in a header (``read_bulk_data`` fetches one when needed)."""
+    return None
+
+
+def instance_header(index: SeriesIndex, sop_uid: str, sha256: str | None = None) -> pydicom.Dataset:
+    """The header of one instance rebuilt from the index alone: no part is read.
+
+    Equals ``dcmread(..., stop_before_pixels=True)`` of the instance, file meta included,
+    except that values stored as ``BulkDataURI`` (binary values over
+    :data:`BULK_DATA_THRESHOLD` bytes) are empty.
+
+    Raises
+    ------
+    ObjectNotFoundError
+        If the index has no such instance (or not with ``sha256``).
+    ArchiveError
+        If the index was written before file meta was kept in it.
+    """
+    entry = index.find(sop_uid, sha256)
+    if entry.file_meta is None:
+        raise ArchiveError(f"index of series {index.series_uid} has no file meta for {sop_uid} (written by an older dcmflow)")
+    ds = pydicom.Dataset.from_json(entry.metadata, bulk_data_uri_handler=_no_bulk_data)
+    for tag in _PIXEL_TAGS:
+        if tag in ds:
+            del ds[tag]
+    ds.file_meta = FileMetaDataset(pydicom.Dataset.from_json(entry.file_meta))
+    return ds
 
 
 def list_metadata(store: ObjectStore, index_or_ids: SeriesIndex | tuple[str, str]) -> list[dict[str, Any]]:

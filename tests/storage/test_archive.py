@@ -223,8 +223,9 @@ def test_index_is_one_zstd_frame_of_the_whole_series(
     assert (doc["study_uid"], doc["series_uid"]) == (study, series)
     assert len(doc["instances"]) == len(mr_files)
     assert set(doc["instances"][0]) == {
-        "sop_uid", "part", "offset", "length", "sha256", "size", "transfer_syntax", "sop_class", "metadata"
+        "sop_uid", "part", "offset", "length", "sha256", "size", "transfer_syntax", "sop_class", "metadata", "file_meta"
     }
+    assert doc["instances"][0]["file_meta"]["00020010"] == {"vr": "UI", "Value": ["1.2.840.10008.1.2.1"]}
     assert doc["instances"][0]["sop_class"] == "1.2.840.10008.5.1.4.1.1.4"
     assert doc["instances"][0]["transfer_syntax"] == "1.2.840.10008.1.2.1"
     assert len(frame) * 5 < len(body)
