@@ -1,4 +1,4 @@
-"""dcmflow flows: ``process_series``, ``process_study``, ``reprocess``, ``import_folder``, ``study_received``.
+"""dcmflow flows: ``process_series``, ``process_study``, ``reprocess``, ``import_folder``, ``study_received``, ``run_job``.
 
 Quick start::
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["process_series", "process_study", "reprocess", "import_folder", "study_received"]
+__all__ = ["process_series", "process_study", "reprocess", "import_folder", "study_received", "run_job"]
 
 _WHERE = {
     "process_series": "flows.process",
@@ -25,6 +25,7 @@ _WHERE = {
     "reprocess": "flows.process",
     "import_folder": "flows.importing",
     "study_received": "flows.new_study",
+    "run_job": "flows.run_job",
 }
 
 

@@ -9,6 +9,11 @@ for ever when its upstream failed:
 * at most ``max_parallel`` jobs run at once;
 * a job whose dependency failed, timed out or was skipped is *skipped* (recorded, never run);
 * ``fut.wait()`` before reading a finished future's state (it can be stale before).
+
+A job on a dcm-processor channel other than ``default`` is submitted as
+:func:`tasks.dispatch.dispatch_job` (a ``run-job`` flow run on that channel's work queue of
+the flow's work pool) and otherwise treated the same; a served flow has no pool, so its
+channel jobs run here.
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from prefect import get_run_logger
 from prefect.futures import PrefectFuture, as_completed
 
-from tasks.context import PlannedRun, SessionRun
+from tasks.context import PlannedJob, PlannedRun, SessionRun
+from tasks.dispatch import DEFAULT_CHANNEL, dispatch_job, flow_run_work_pool
 from tasks.errors import JobTimedOutError
 from tasks.jobs import record_skipped, run_job, send_outputs
 
@@ -42,8 +49,23 @@ class DagOutcome:
         return [name for name, state in self.status.items() if state in {"failed", "timed_out"}]
 
 
+def _channel_pool(jobs: list[PlannedJob]) -> str | None:
+    """The work pool to dispatch channel jobs to (``None``: none to dispatch, or a served flow)."""
+    channels = sorted({job.channel for job in jobs if job.channel != DEFAULT_CHANNEL})
+    if not channels:
+        return None
+    pool = flow_run_work_pool()
+    if pool is None:
+        get_run_logger().warning(
+            "channel %s: this flow run is served, not on a work pool, so its channel jobs run here",
+            ", ".join(channels),
+        )
+    return pool
+
+
 def run_dag(settings: Any, run: SessionRun, planned: PlannedRun, max_parallel: int) -> DagOutcome:
     """Run every job of ``planned`` (see the module docstring); sends start as jobs finish."""
+    pool = _channel_pool(planned.jobs)
     jobs = {job.name: job for job in planned.jobs}
     order = [job.name for job in planned.jobs]
     outcome = DagOutcome()
@@ -76,9 +98,14 @@ def run_dag(settings: Any, run: SessionRun, planned: PlannedRun, max_parallel: i
         ready.sort(key=lambda n: (-jobs[n].rank, jobs[n].sort_position, n))
         for name in ready[: max(0, max_parallel - len(running))]:
             job = jobs[name]
-            future = run_job.with_options(
-                retries=job.retries, retry_delay_seconds=job.retry_delay, task_run_name=job.name
-            ).submit(settings, run, job)
+            if pool is not None and job.channel != DEFAULT_CHANNEL:
+                future = dispatch_job.with_options(
+                    retries=job.retries, retry_delay_seconds=job.retry_delay, task_run_name=f"{job.name} ({job.channel})"
+                ).submit(settings, run, job, pool)
+            else:
+                future = run_job.with_options(
+                    retries=job.retries, retry_delay_seconds=job.retry_delay, task_run_name=job.name
+                ).submit(settings, run, job)
             running[future] = name
         if not running:
             break

@@ -61,6 +61,7 @@ __all__ = [
     "install_service",
     "install_entry_points",
     "installed_specs",
+    "installed_version",
     "ensure_local",
     "remove_service",
     "backup_service",
@@ -248,6 +249,28 @@ def installed_specs(
         else:
             specs.append(_load_version(ensure_local(record, services_dir, store), record.name, record.version))
     return specs
+
+
+def installed_version(
+    repository: Repository, services_dir: Path, store: ObjectStore, name: str, version: int
+) -> ServiceSpec:
+    """The spec of one recorded version of a service, on this machine.
+
+    What a job dispatched to another machine runs: the version its session planned, even
+    if a newer one was installed since. Folder and Python services come from the version
+    folder here, fetched from the version's bundle in the object store when missing.
+
+    Raises
+    ------
+    InstallError
+        No such version recorded, or its files or bundle are missing.
+    """
+    record = repository.get_service(name, version)
+    if record is None:
+        raise InstallError(f"service {name!r} has no recorded version {version}")
+    if record.source_kind == _SOURCE_KIND["entry_point"]:
+        return _entry_point_spec(record, {s.name: s for s in load_entry_points(names=[name])})
+    return _load_version(ensure_local(record, services_dir, store), record.name, record.version)
 
 
 def install_entry_points(

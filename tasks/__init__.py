@@ -34,6 +34,7 @@ __all__ = [
     "publish_artifacts",
     "finish_session",
     "artifact_key",
+    "dispatch_job",
     # values (tasks.context)
     "Target",
     "PlannedJob",
@@ -60,6 +61,7 @@ _WHERE = {
          "send_outputs", "publish_artifacts", "finish_session", "artifact_key"],
         "tasks.jobs",
     ),
+    "dispatch_job": "tasks.dispatch",
     **dict.fromkeys(["Target", "PlannedJob", "PlannedRun", "SessionRun", "EarlierRun"], "tasks.context"),
     **dict.fromkeys(["JobProcess", "ProcessOutcome", "run_job_process"], "tasks.execution"),
     **dict.fromkeys(

@@ -73,10 +73,11 @@ def store_of(settings: RuntimeSettings) -> ObjectStore:
 
 
 def work_dirs(settings: RuntimeSettings) -> dict[str, Path]:
-    """Folders under ``DCMFLOW_HOME`` the job runner uses: sessions, venvs, series cache."""
+    """Folders under ``DCMFLOW_HOME`` the job runner uses: sessions, dispatched jobs, venvs, series cache."""
     home = Path(settings.home)
     return {
         "sessions": home / "work" / "sessions",
+        "dispatched": home / "work" / "dispatched",
         "venvs": home / "venvs",
         "cache": home / "cache" / "series",
     }

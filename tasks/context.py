@@ -47,6 +47,8 @@ __all__ = [
     "plan_target",
     "open_session",
     "record_jobs",
+    "session_run_of",
+    "link_module",
     "study_dcmpath",
 ]
 
@@ -92,6 +94,7 @@ class PlannedJob(BaseModel):
     module_dir: str | None
     params: dict[str, Any] | None = None
     job_id: int | None = None
+    channel: str = "default"  # dcm-processor's channel: not "default" runs on that channel's workers
 
 
 class PlannedRun(BaseModel):
@@ -281,6 +284,7 @@ def plan_target(specs: Sequence[ServiceSpec], target: Target, *, only_jobs: Coll
                 retry_delay=node.retry_delay,
                 module_dir=str(module_dir) if module_dir is not None else None,
                 params=job_spec.params if job_spec is not None else None,
+                channel=node.channel or "default",
             )
         )
     return PlannedRun(
@@ -346,9 +350,7 @@ def open_session(
         )
     repository.put_session_data(session.id, "headers", target.headers)
     work = sessions_dir / str(session.id)
-    folders = {name: work / name for name in ("data", "modules", "logs")}
-    for folder in folders.values():
-        folder.mkdir(parents=True, exist_ok=True)
+    folders = _session_folders(work)
     return SessionRun(
         session_id=session.id,
         level=target.level,
@@ -363,6 +365,53 @@ def open_session(
         logs_dir=str(folders["logs"]),
         flow_run_id=flow_run_id,
     )
+
+
+def _session_folders(work: Path) -> dict[str, Path]:
+    folders = {name: work / name for name in ("data", "modules", "logs")}
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
+    return folders
+
+
+def session_run_of(repository: Repository, session_id: int, *, work_dir: Path) -> SessionRun:
+    """A recorded session as this machine works on it: its headers and ``added_params`` from
+    the records, its folders under ``work_dir`` on this machine (made when missing).
+
+    How a job dispatched to another machine joins the session the series flow opened.
+
+    Raises
+    ------
+    SeriesNotFoundError
+        No such session, or it has no recorded headers.
+    """
+    session = repository.get_session(session_id)
+    headers = repository.get_session_data(session_id, "headers") if session is not None else None
+    if session is None or not isinstance(headers, dict) or not session.study_uid:
+        raise SeriesNotFoundError(f"no session {session_id} with recorded headers")
+    folders = _session_folders(work_dir)
+    return SessionRun(
+        session_id=session_id,
+        level="series" if session.series_uid else "study",
+        study_uid=session.study_uid,
+        series_uid=session.series_uid,
+        revision=session.revision,
+        headers=headers,
+        added_params=repository.get_session_data(session_id, "added_params", default={}) or {},
+        work_dir=str(work_dir),
+        data_dir=str(folders["data"]),
+        modules_dir=str(folders["modules"]),
+        logs_dir=str(folders["logs"]),
+        flow_run_id=session.flow_run_id,
+    )
+
+
+def link_module(run: SessionRun, job: PlannedJob) -> None:
+    """``$MODULES/<service>`` → the job's service ``module/`` folder, as the seed installs it."""
+    if job.module_dir and job.service:
+        link = Path(run.modules_dir) / job.service
+        if not link.exists():
+            os.symlink(job.module_dir, link, target_is_directory=True)
 
 
 def record_jobs(repository: Repository, run: SessionRun, planned: PlannedRun) -> tuple[SessionRun, PlannedRun]:
@@ -400,10 +449,6 @@ def record_jobs(repository: Repository, run: SessionRun, planned: PlannedRun) ->
     planned = planned.model_copy(update={"jobs": [j.model_copy(update={"job_id": ids[j.name]}) for j in planned.jobs]})
     repository.put_session_data(run.session_id, "added_params", planned.added_params)
     repository.put_session_data(run.session_id, "rejected", planned.rejected)
-    modules = Path(run.modules_dir)
     for job in planned.jobs:
-        if job.module_dir and job.service:
-            link = modules / job.service
-            if not link.exists():
-                os.symlink(job.module_dir, link, target_is_directory=True)
+        link_module(run, job)
     return run.model_copy(update={"added_params": planned.added_params}), planned

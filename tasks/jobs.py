@@ -71,6 +71,7 @@ __all__ = [
     "record_jobs",
     "materialise",
     "run_job",
+    "execute_job",
     "record_skipped",
     "send_outputs",
     "publish_artifacts",
@@ -159,7 +160,39 @@ def _import_paths(job: PlannedJob, run: SessionRun) -> list[str]:
 
 @task(name="run-job", cache_policy=NO_CACHE)
 def run_job(settings: RuntimeSettings, run: SessionRun, job: PlannedJob) -> dict[str, Any]:
-    """Run one job in its own process group; record the attempt, its outputs and its log.
+    """Run one job here, in its own process group (:func:`execute_job`); retried by Prefect.
+
+    Raises
+    ------
+    JobTimedOutError
+        The job ran past its timeout; its process group was killed.
+    JobFailedError
+        Non-zero exit, a signal, or its environment could not be built.
+    """
+    from prefect.runtime import task_run
+
+    return execute_job(
+        settings,
+        run,
+        job,
+        attempt=int(task_run.run_count or 1),
+        run_id=str(task_run.id) if task_run.id else None,
+    )
+
+
+def execute_job(
+    settings: RuntimeSettings,
+    run: SessionRun,
+    job: PlannedJob,
+    *,
+    attempt: int,
+    run_id: str | None,
+) -> dict[str, Any]:
+    """Run one job attempt in its own process group; record it, its outputs and its log.
+
+    The attempt's ``$DATA`` is a hard-linked copy of the session's folder on this machine
+    (``run.data_dir``: received files and earlier jobs' outputs); its new files go to the
+    object store, and into ``run.data_dir`` when it succeeded.
 
     Returns
     -------
@@ -174,15 +207,12 @@ def run_job(settings: RuntimeSettings, run: SessionRun, job: PlannedJob) -> dict
     JobFailedError
         Non-zero exit, a signal, or its environment could not be built.
     """
-    from prefect.runtime import task_run
-
     logger = get_run_logger()
     repository, store = repository_of(settings), store_of(settings)
     assert job.job_id is not None
-    attempt = int(task_run.run_count or 1)
     fields: dict[str, Any] = {"state": JobState.RUNNING.value, "attempts": attempt, "error": None, "exit_code": None}
-    if task_run.id:
-        fields["task_run_id"] = str(task_run.id)
+    if run_id:
+        fields["task_run_id"] = run_id
     if attempt > 1:
         previous = next((j for j in repository.list_jobs(session_id=run.session_id) if j.id == job.job_id), None)
         if previous is not None and previous.started_at is not None:
@@ -328,10 +358,12 @@ def publish_artifacts(settings: RuntimeSettings, run: SessionRun, planned: Plann
     """The job table (key ``jobs-series-<uid>``) and a markdown DAG with outputs, on the flow run."""
     repository = repository_of(settings)
     jobs = repository.list_jobs(session_id=run.session_id)
+    dispatched = {j.job_name: repository.get_session_data(run.session_id, "dispatch", job_name=j.job_name) for j in jobs}
     table = [
         {
             "job": j.job_name,
             "service": f"{j.service_name} v{j.service_version}",
+            "runs_on": f"channel {d['channel']} ({d['flow_run']})" if (d := dispatched[j.job_name]) else "in the flow",
             "state": j.state,
             "attempts": j.attempts,
             "duration_s": round((j.finished_at - j.started_at).total_seconds(), 2) if j.started_at and j.finished_at else None,

@@ -56,6 +56,7 @@ __all__ = [
     "session_log_key",
     "store_outputs",
     "store_log",
+    "restore_outputs",
     "storage_requests",
     "StorageRequest",
 ]
@@ -183,6 +184,38 @@ def store_outputs(
             )
         )
     return records
+
+
+def restore_outputs(
+    store: ObjectStore, files: Iterable[SessionFilePublic], data_dir: Path
+) -> list[str]:
+    """Put stored job outputs back under ``data_dir`` at their paths; the paths written.
+
+    How a job on another machine sees what its session's earlier jobs wrote (and how the
+    series flow sees what a job on another machine wrote): from the object store, never a
+    shared folder. Each file is checked against its recorded sha256; a name that would
+    leave ``data_dir`` is refused.
+
+    Raises
+    ------
+    OSError
+        A stored file does not match its record, or its name leaves ``data_dir``.
+    """
+    root = data_dir.resolve()
+    written = []
+    for record in files:
+        target = (data_dir / record.name).resolve()
+        if not target.is_relative_to(root) or target == root:
+            raise OSError(f"session file {record.name!r} of job {record.job_name!r} is not a path under $DATA")
+        data = store.get(record.object_key)
+        if hashlib.sha256(data).hexdigest() != record.sha256:
+            raise OSError(f"object {record.object_key} does not match its recorded sha256")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.restore")
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+        written.append(record.name)
+    return written
 
 
 def store_log(store: ObjectStore, *, session_id: int, job_name: str, log_path: Path) -> str | None:

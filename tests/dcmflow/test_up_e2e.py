@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from pydicom.uid import generate_uid
 
 from dcmflow.settings import Settings
+from dcmflow.prefect_api import api_client
 from dcmflow.stack import UP_HOME_MARK
 from dcmflow.stack_state import StackState, read_state
 from dcmflow.synthetic import make_ct_series
@@ -169,7 +169,8 @@ class Up:
 
     def flow_runs(self, deployment: str, **parameters: Any) -> list[dict[str, Any]]:
         body = {"deployments": {"name": {"any_": [deployment]}}, "limit": 200, "sort": "EXPECTED_START_TIME_ASC"}
-        runs = httpx.post(f"{self.api}/flow_runs/filter", json=body, timeout=10).json()
+        with api_client(self.api) as api:
+            runs = api.post("/flow_runs/filter", json=body).raise_for_status().json()
         return [r for r in runs if all(r["parameters"].get(k) == v for k, v in parameters.items())]
 
     def install_service(self, job_sleep: float) -> None:
@@ -283,7 +284,8 @@ def _post_event(api: str, *, event_uuid: uuid.UUID, series_uid: str, revision: A
         "resource": {"prefect.resource.id": series_resource_id(series_uid), "dicom.series-uid": series_uid},
         "payload": {"series_uid": series_uid, "revision": revision},
     }
-    httpx.post(f"{api}/events", json=[event], timeout=10).raise_for_status()
+    with api_client(api) as client:
+        client.post("/events", json=[event]).raise_for_status()
 
 
 def test_a_duplicated_event_starts_no_second_session(stack: Up, study: dict[str, list[Path]]) -> None:
@@ -369,7 +371,8 @@ def test_with_a_work_pool_workers_run_live_runs_and_backfills_on_their_queues(tm
     worker: subprocess.Popen[bytes] | None = None
     try:
         assert state.work_pool == "e2e-pool" and state.runner_pids == []
-        queues = httpx.post(f"{up.api}/work_pools/e2e-pool/queues/filter", json={}, timeout=10).json()
+        with api_client(up.api) as api:
+            queues = api.post("/work_pools/e2e-pool/queues/filter", json={}).raise_for_status().json()
         priorities = {q["name"]: q["priority"] for q in queues}
         assert priorities["live"] < priorities["backfill"]
         worker = subprocess.Popen(

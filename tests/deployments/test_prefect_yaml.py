@@ -29,10 +29,11 @@ EXPECTED = {
     "study-received/study-received": ("dicom.study.received", "dicom.study.*"),
     "reprocess/reprocess": None,
     "import-folder/import-folder": None,
+    "run-job/run-job": None,  # started by the series flow for channel jobs (tasks.dispatch)
 }
 
 
-def test_the_declaration_names_the_five_deployments_and_their_triggers() -> None:
+def test_the_declaration_names_the_six_deployments_and_their_triggers() -> None:
     specs = {spec.full_name: spec for spec in read_specs()}
     assert set(specs) == set(EXPECTED)
     for name, expected in EXPECTED.items():
@@ -85,6 +86,7 @@ def test_event_started_runs_go_to_live_and_manual_ones_to_backfill_which_waits()
         "study-received": "live",
         "reprocess": "backfill",
         "import-folder": "backfill",
+        "run-job": "live",  # its default; the series flow names the channel's queue
     }
     on_pool = {d.name: (d.work_pool_name, d.work_queue_name) for d in runner_deployments(work_pool="p")}
     assert on_pool["process-series"] == ("p", "live") and on_pool["reprocess"] == ("p", "backfill")
@@ -117,11 +119,12 @@ def test_prefect_deploy_all_and_a_process_worker_run_the_declaration(prefect_ser
     deployed = _prefect(prefect_server, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
     api = prefect_server.api_url
+    declared = {spec.full_name: spec.work_queue for spec in read_specs()}
     for name in EXPECTED:
         found = httpx.get(f"{api}/deployments/name/{name}", timeout=10)
         assert found.status_code == 200, name
         assert found.json()["work_pool_name"] == "dcmflow"
-        assert found.json()["work_queue_name"] == ("live" if EXPECTED[name] else "backfill")
+        assert found.json()["work_queue_name"] == declared[name]
     automations = httpx.post(f"{api}/automations/filter", json={}, timeout=10).json()
     names = {a["name"] for a in automations}
     assert {"dicom-series-stable", "dicom-study-stable", "new-study"} <= names
