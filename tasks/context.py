@@ -13,6 +13,7 @@ study's first series.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from collections.abc import Collection, Sequence
@@ -27,12 +28,15 @@ from services_registry.dag import plan_dag, to_mermaid
 from services_registry.headers import headers_from_dataset
 from services_registry.planning import default_dcmpath
 from services_registry.runtime import loaded
+from storage.archive import instance_header, read_series_index
+from storage.errors import ArchiveError, ObjectNotFoundError
 from storage.keys import validate_uid
 
 from tasks.errors import SeriesNotFoundError
 
 if TYPE_CHECKING:
     from services_registry.spec import ServiceSpec
+    from storage.models import InstancePublic
     from storage.objects import ObjectStore
     from storage.repository import Repository
 
@@ -146,8 +150,21 @@ class EarlierRun(BaseModel):
 
 
 def _read_header(store: ObjectStore, key: str) -> pydicom.Dataset:
+    """The header of an instance object. pydicom needs ``tell``/``seek``, which an S3 response
+    stream lacks: that one is read whole (this path serves only series without an archive)."""
     with store.open_stream(key) as stream:
-        return pydicom.dcmread(stream, stop_before_pixels=True)
+        source = stream if stream.seekable() else io.BytesIO(stream.read())
+        return pydicom.dcmread(source, stop_before_pixels=True)
+
+
+def _representative_header(store: ObjectStore, study_uid: str, series_uid: str, instance: InstancePublic) -> pydicom.Dataset:
+    """The header of ``instance``: from the series archive's index when it lists this version
+    (one small GET, no pixel data read), else from the instance object. A damaged index is
+    left to the materialise step to report; the header does not depend on it."""
+    try:
+        return instance_header(read_series_index(store, study_uid, series_uid), instance.sop_uid, instance.sha256)
+    except (ObjectNotFoundError, ArchiveError):
+        return _read_header(store, instance.object_key)
 
 
 def load_series_target(repository: Repository, store: ObjectStore, series_uid: str, revision: int | None = None) -> Target:
@@ -165,7 +182,7 @@ def load_series_target(repository: Repository, store: ObjectStore, series_uid: s
     instances = repository.list_instances(series_uid)
     if not instances:
         raise SeriesNotFoundError(f"series {series_uid} has no stored instances")
-    ds = _read_header(store, instances[0].object_key)
+    ds = _representative_header(store, series.study_uid, series_uid, instances[0])
     headers = headers_from_dataset(ds, dcmpath=default_dcmpath(series.study_uid, series_uid))
     return Target(
         level="series",
@@ -202,7 +219,8 @@ def load_study_target(repository: Repository, store: ObjectStore, study_uid: str
     if not counted:
         raise SeriesNotFoundError(f"study {study_uid} has no stored instances")
     first, instances = counted[0]
-    headers = headers_from_dataset(_read_header(store, instances[0].object_key), dcmpath=study_dcmpath(study_uid))
+    header = _representative_header(store, study_uid, first.series_uid, instances[0])
+    headers = headers_from_dataset(header, dcmpath=study_dcmpath(study_uid))
     headers["seriesId"] = ""
     headers["seriesIds"] = [s.series_uid for s, _ in counted]
     return Target(

@@ -32,6 +32,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from storage.errors import StorageError
 from storage.models import JobState, SessionState
 
 from tasks._storage import RuntimeSettings, repository_of, store_of, work_dirs
@@ -49,7 +50,8 @@ from tasks.context import (
 )
 from tasks.errors import JobFailedError, JobTimedOutError, SendError, TaskError
 from tasks.execution import JobProcess, run_job_process
-from tasks.materialise import materialise_series
+from tasks.archiving import archive_series
+from tasks.materialise import fill_cache, place_series
 from tasks.outputs import (
     changed_files,
     link_tree,
@@ -130,19 +132,31 @@ def record_jobs(settings: RuntimeSettings, run: SessionRun, planned: PlannedRun)
 
 @task(name="materialise-files", cache_policy=NO_CACHE)
 def materialise(settings: RuntimeSettings, run: SessionRun) -> int:
-    """Put every series of the run under ``$DATA/dicom/<study>/<series>`` (read-only, cached)."""
+    """Put every series of the run under ``$DATA/dicom/<study>/<series>`` (read-only, cached).
+
+    Each series comes from its archive when it has one (:mod:`tasks.materialise`); then the
+    archive gets what it lacks from the cache (:mod:`tasks.archiving`: the first run of a
+    revision writes its part). A failed archive write is a warning, not a failed run: the
+    files are in place, and the next run of the series appends what is missing.
+    """
+    logger = get_run_logger()
     repository, store = repository_of(settings), store_of(settings)
     series = [run.series_uid] if run.series_uid else list(run.headers.get("seriesIds", []))
     count = 0
     for uid in series:
-        count += materialise_series(
-            store,
-            repository.list_instances(uid),
-            study_uid=run.study_uid,
-            series_uid=uid,
-            cache_dir=work_dirs(settings)["cache"],
-            target=Path(run.data_dir) / "dicom" / run.study_uid / uid,
-        )
+        instances = repository.list_instances(uid)
+        cached = fill_cache(store, instances, study_uid=run.study_uid, series_uid=uid, cache_dir=work_dirs(settings)["cache"])
+        logger.info("series %s: %s", uid, cached.line())
+        count += place_series(instances, cached, Path(run.data_dir) / "dicom" / run.study_uid / uid)
+        try:
+            archived = archive_series(
+                store, instances, cached.files, study_uid=run.study_uid, series_uid=uid,
+                index=cached.index, index_known=cached.index_read,
+            )
+        except StorageError as exc:
+            logger.warning("series %s: archive not written: %s", uid, exc)
+        else:
+            logger.info("series %s: %s", uid, archived.line())
     return count
 
 
