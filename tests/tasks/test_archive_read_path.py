@@ -342,3 +342,19 @@ def test_headers_come_from_the_index_without_reading_pixel_data(
         pydicom.dcmread(io.BytesIO(store.get(first.object_key)), stop_before_pixels=True), dcmpath=after.headers["dcmpath"]
     )
     assert after.headers == direct and after.headers["TransferSyntaxUID"] == "1.2.840.10008.1.2.1"
+
+
+@pytest.mark.parametrize("whole", [True, False], ids=["whole-part", "ranged"])
+def test_a_truncated_part_is_a_clear_error(
+    store: CountingStore, repo: Repository, mr: list[Dataset], tmp_path: Path, whole: bool
+) -> None:
+    study, series, instances = _archived_series(store, repo, mr, tmp_path)
+    blob = store.get(part_key(study, series, 0))
+    store.put(part_key(study, series, 0), blob[: len(blob) // 2])
+    cache = tmp_path / ("c" if whole else "c0")
+    if not whole:
+        last = instances[-1]
+        (cache / study / series / f"{last.sop_uid}-{last.sha256[:16]}.dcm").unlink()
+    message = "is truncated" if whole else "is missing or shorter than its index says"
+    with pytest.raises(ArchiveError, match=rf"series archive part {part_key(study, series, 0)} .*{message}"):
+        fill_cache(store, instances, study_uid=study, series_uid=series, cache_dir=cache)
