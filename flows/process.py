@@ -19,6 +19,13 @@ fires for one revision, one run does the work; the others end at once:
 * the revision does not exist yet: **Failed**, ``series <uid> has no revision <n> (current
   revision <m>)``.
 
+A run whose claim is held by a run that died (its worker was killed: Prefect reports that flow
+run Crashed while its session still says running) takes the claim over: the dead run's session
+becomes ``crashed`` and this run processes the revision (:mod:`tasks.claims`); that is how the
+``rerun-crashed`` triggers of ``deployments/prefect.yaml`` end with the revision processed once.
+After three crashed sessions of one revision the next run gives up: **Failed**, ``series <uid>
+revision <n> crashed 3 times (...)``.
+
 Runs without a revision (``dcmflow process``, ``reprocess``, a deployment run by hand) always
 run, as a new session of the current revision.
 """
@@ -32,6 +39,7 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from tasks.claims import GaveUp
 from tasks.context import EarlierRun, PlannedRun, Target
 from tasks.jobs import (
     finish_session,
@@ -116,6 +124,8 @@ def run_processing(
     run = start_session(settings, target, trigger, claim=revision is not None)
     if isinstance(run, EarlierRun):
         return Completed(message=run.message, data={"session_id": run.session_id, "flow_run_id": run.flow_run_id})
+    if isinstance(run, GaveUp):
+        return Failed(message=run.message)
     failed = True
     planned: PlannedRun | None = None
     try:

@@ -32,6 +32,7 @@ from storage.archive import instance_header, read_series_index
 from storage.errors import ArchiveError, ObjectNotFoundError
 from storage.keys import validate_uid
 
+from tasks.claims import DeadRun, GaveUp, claim_revision, give_up_if_crashing
 from tasks.errors import SeriesNotFoundError
 
 if TYPE_CHECKING:
@@ -322,7 +323,8 @@ def open_session(
     trigger: str,
     flow_run_id: str | None,
     claim: bool,
-) -> SessionRun | EarlierRun:
+    dead_run: DeadRun | None = None,
+) -> SessionRun | EarlierRun | GaveUp:
     """Record the run's Session (claiming its revision) and lay out the session's folders.
 
     Parameters
@@ -331,22 +333,32 @@ def open_session(
         Claim ``(target.level, uid, target.revision)`` (:meth:`Repository.claim_session`):
         for a run started by a trigger, so the same revision is processed once. A manual run
         (``claim=False``) always gets a new session.
+    dead_run
+        Tells whether the holder of the claim is provably dead, so this run takes its claim
+        over (:func:`tasks.claims.claim_revision`); ``None``: a held claim is never taken.
 
     Returns
     -------
-    SessionRun | EarlierRun
-        The new session (headers recorded, no jobs yet: :func:`record_jobs`), or, when the
-        claim is held, the earlier session that holds it (nothing was written).
+    SessionRun | EarlierRun | GaveUp
+        The new session (headers recorded, no jobs yet: :func:`record_jobs`); when the claim
+        is held, the earlier session that holds it (nothing was written); or, when the
+        revision's runs crashed too often, the claimed session, already failed.
     """
     if claim:
-        claimed = repository.claim_session(
+        claimed = claim_revision(
+            repository,
             target.level,
             target.uid,
             target.revision,
             study_uid=target.study_uid,
             trigger=trigger,
             flow_run_id=flow_run_id,
+            dead_run=dead_run,
         )
+        if claimed.claimed:
+            gave_up = give_up_if_crashing(repository, claimed.session.id, target.level, target.uid, target.revision)
+            if gave_up is not None:
+                return gave_up
         if not claimed.claimed:
             earlier = claimed.session
             return EarlierRun(

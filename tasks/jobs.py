@@ -48,6 +48,7 @@ from tasks.context import (
     plan_target,
     record_jobs as record_session_jobs,
 )
+from tasks.claims import GaveUp, prefect_dead_run
 from tasks.errors import JobFailedError, JobTimedOutError, SendError, TaskError
 from tasks.execution import JobProcess, run_job_process
 from tasks.archiving import archive_series
@@ -106,10 +107,12 @@ def plan_jobs(settings: RuntimeSettings, target: Target, only_jobs: list[str] | 
 
 
 @task(name="start-session", cache_policy=NO_CACHE)
-def start_session(settings: RuntimeSettings, target: Target, trigger: str, claim: bool) -> SessionRun | EarlierRun:
-    """Record the run's Session; with ``claim``, only if its (level, uid, revision) has none yet.
+def start_session(settings: RuntimeSettings, target: Target, trigger: str, claim: bool) -> SessionRun | EarlierRun | GaveUp:
+    """Record the run's Session; with ``claim``, only if its (level, uid, revision) has none
+    yet, or its holder's flow run is dead by Prefect's account (a worker that died).
 
-    Returns the new session, or the earlier session holding the claim (nothing recorded).
+    Returns the new session, the earlier session holding the claim (nothing recorded), or
+    the session failed at once because the revision's runs crashed too often.
     """
     from prefect.runtime import flow_run
 
@@ -121,6 +124,7 @@ def start_session(settings: RuntimeSettings, target: Target, trigger: str, claim
         trigger=trigger,
         flow_run_id=flow_run_id,
         claim=claim,
+        dead_run=prefect_dead_run,
     )
 
 
@@ -414,6 +418,15 @@ def publish_artifacts(settings: RuntimeSettings, run: SessionRun, planned: Plann
 
 @task(name="finish-session", cache_policy=NO_CACHE)
 def finish_session(settings: RuntimeSettings, run: SessionRun, failed: bool) -> None:
-    """Set the session's final state."""
+    """Set the session's final state, unless another run took its claim over meanwhile (this
+    run was taken for dead: no heartbeat reached Prefect): that session stays ``crashed``."""
     state = SessionState.FAILED if failed else SessionState.COMPLETED
-    repository_of(settings).finish_session(run.session_id, state.value)
+    repository = repository_of(settings)
+    current = repository.get_session(run.session_id)
+    if current is not None and current.state == SessionState.CRASHED.value:
+        get_run_logger().warning(
+            "session %d was marked crashed and its claim taken over while this run went on: it stays crashed",
+            run.session_id,
+        )
+        return
+    repository.finish_session(run.session_id, state.value)
