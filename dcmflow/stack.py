@@ -306,6 +306,12 @@ class Stack:
             }
         )
         env.pop("PYTHONDONTWRITEBYTECODE", None)
+        # the declared flow-run environment (prefect.yaml): the heartbeat the zombie automation
+        # watches, so a served run whose process dies becomes Crashed; up's own environment wins
+        from deployments.loader import flow_run_env
+
+        for name, value in flow_run_env().items():
+            env.setdefault(name, value)
         return env
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str], *, die_with_parent: bool = True) -> _Child:

@@ -4,8 +4,11 @@
 deploy --all --prefect-file deployments/prefect.yaml`` deploys it to a work pool, and
 ``dcmflow up`` serves it through :func:`runner_deployments`. Both validate each trigger with
 Prefect's own ``DeploymentTriggerTypes`` model and name unnamed triggers the way ``prefect
-deploy`` does, so a served trigger and a deployed one are the same automation. Nothing here
-decides anything: the flows live in ``flows/``, the stack in ``dcmflow/``.
+deploy`` does, so a served trigger and a deployed one are the same automation. The file's
+``automations:`` (the zombie-flow automation, whose action is not "run this deployment") are
+built with Prefect's ``AutomationCore`` model and created by :func:`apply_automations`, as
+``prefect automation create --from-file`` would. Nothing here decides anything: the flows
+live in ``flows/``, the stack in ``dcmflow/``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import yaml
 
 if TYPE_CHECKING:
     from prefect import Flow
+    from prefect.events.schemas.automations import AutomationCore
     from prefect.deployments.runner import RunnerDeployment
     from prefect.events import DeploymentTriggerTypes
 
@@ -31,6 +35,9 @@ __all__ = [
     "read_work_queues",
     "build_triggers",
     "runner_deployments",
+    "flow_run_env",
+    "build_automations",
+    "apply_automations",
     "DeclarationError",
 ]
 
@@ -58,6 +65,8 @@ class DeploymentSpec:
     concurrency_limit: int | None = None
     work_queue: str | None = None
     """The queue of its work pool (``live`` for event-started runs, ``backfill`` for manual)."""
+    job_variables: dict[str, Any] = field(default_factory=dict)
+    """Of its work pool's runs: ``env`` carries the flow-run heartbeat setting."""
 
     @property
     def full_name(self) -> str:
@@ -101,21 +110,77 @@ def read_specs(path: Path = PREFECT_YAML) -> list[DeploymentSpec]:
                 parameters=dict(entry.get("parameters") or {}),
                 concurrency_limit=entry.get("concurrency_limit"),
                 work_queue=(entry.get("work_pool") or {}).get("work_queue_name"),
+                job_variables=dict((entry.get("work_pool") or {}).get("job_variables") or {}),
             )
         )
     return specs
 
 
-def read_work_queues(path: Path = PREFECT_YAML) -> dict[str, int]:
-    """The work queues of the declaration and their priorities (``definitions.work_queues``)."""
+def _document(path: Path) -> dict[str, Any]:
     try:
         document = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise DeclarationError(f"cannot read {path}: {exc}") from None
+    if not isinstance(document, dict):
+        raise DeclarationError(f"{path}: not a mapping of deployments and definitions")
+    return document
+
+
+def read_work_queues(path: Path = PREFECT_YAML) -> dict[str, int]:
+    """The work queues of the declaration and their priorities (``definitions.work_queues``)."""
+    document = _document(path)
     queues = (document.get("definitions") or {}).get("work_queues") or {}
     if not all(isinstance(name, str) and isinstance(priority, int) and priority >= 1 for name, priority in queues.items()):
         raise DeclarationError(f"{path}: definitions.work_queues maps queue names to priorities (1 = first)")
     return dict(queues)
+
+
+def flow_run_env(path: Path = PREFECT_YAML) -> dict[str, str]:
+    """The environment every flow run gets (``definitions.flow_run_env``: the heartbeat setting).
+
+    Work-pool runs get it as their ``env`` job variable; ``dcmflow up`` puts it in the
+    environment of the runs it serves.
+    """
+    env = (_document(path).get("definitions") or {}).get("flow_run_env") or {}
+    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise DeclarationError(f"{path}: definitions.flow_run_env maps variable names to strings")
+    return dict(env)
+
+
+def build_automations(path: Path = PREFECT_YAML) -> list[AutomationCore]:
+    """The declaration's ``automations:`` as Prefect models (validated as the CLI validates them).
+
+    Raises
+    ------
+    DeclarationError
+        An entry is not a valid Prefect automation (the first error, in one line).
+    """
+    from prefect.events.schemas.automations import AutomationCore
+    from pydantic import ValidationError
+
+    built = []
+    for index, entry in enumerate(_document(path).get("automations") or [], start=1):
+        try:
+            built.append(AutomationCore.model_validate(entry))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise DeclarationError(f"{path}: automation #{index}: {where}: {first['msg']}") from None
+    return built
+
+
+def apply_automations(path: Path = PREFECT_YAML) -> list[str]:
+    """Create the declaration's automations on the current Prefect API, replacing those of the
+    same name (so a restart applies edits, as re-deploying does for triggers); their names."""
+    from prefect.client.orchestration import get_client
+
+    automations = build_automations(path)
+    with get_client(sync_client=True) as client:
+        for automation in automations:
+            for old in client.read_automations_by_name(automation.name):
+                client.delete_automation(old.id)
+            client.create_automation(automation)
+    return [automation.name for automation in automations]
 
 
 def triggered_by(event: str, path: Path = PREFECT_YAML) -> DeploymentSpec:
@@ -176,6 +241,7 @@ def runner_deployments(
             entrypoint_type=EntrypointType.MODULE_PATH,
             work_pool_name=work_pool,
             work_queue_name=spec.work_queue if work_pool else None,
+            job_variables=spec.job_variables if work_pool else None,
         )
         assert not inspect.isawaitable(deployment)
         deployments.append(deployment)

@@ -185,13 +185,16 @@ def serve_flows(
     """Serve deployments/prefect.yaml with its triggers (run by `dcmflow up`; not for direct use)."""
     from prefect import serve
 
-    from deployments.loader import runner_deployments
+    from deployments.loader import apply_automations, read_work_queues, runner_deployments
 
     if stack_home is not None:
         from dcmflow.stack import watch_parent
 
         watch_parent(stack_home)
 
+    first_queue = min(read_work_queues().items(), key=lambda item: item[1], default=(None, 0))[0]
+    if not queue or first_queue in queue:  # one of the runners creates the declared automations
+        apply_automations()
     serve(*runner_deployments(queues=queue or None), limit=limit, query_seconds=poll, print_starting_message=False)
 
 
@@ -199,7 +202,7 @@ def register_flows(
     pool: str = typer.Option(..., "--pool", help="Process work pool to register the deployments on."),
 ) -> None:
     """Register deployments/prefect.yaml on a work pool, creating pool and queues if missing (run by `dcmflow up`)."""
-    from deployments.loader import read_work_queues, runner_deployments
+    from deployments.loader import apply_automations, read_work_queues, runner_deployments
 
     from dcmflow.stack import StackError, ensure_work_pool
 
@@ -211,6 +214,8 @@ def register_flows(
     for deployment in runner_deployments(work_pool=pool):
         deployment.apply()
         typer.echo(f"registered {deployment.flow_name}/{deployment.name} on {pool}/{deployment.work_queue_name}")
+    for name in apply_automations():
+        typer.echo(f"created automation {name}")
 
 
 def status(as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:

@@ -15,7 +15,9 @@ import yaml
 from deployments.loader import (
     PREFECT_YAML,
     DeclarationError,
+    build_automations,
     build_triggers,
+    flow_run_env,
     read_specs,
     read_work_queues,
     runner_deployments,
@@ -41,13 +43,37 @@ def test_the_declaration_names_the_six_deployments_and_their_triggers() -> None:
         if expected is None:
             assert triggers == []
             continue
-        (trigger,) = triggers
+        trigger, *reruns = triggers
         event, resource = expected
         assert trigger["expect"] == [event] and trigger["match"] == {"prefect.resource.id": resource}
         # typed values come from the payload; labels (strings) would make the server refuse the run
         templates = [v for v in trigger["parameters"].values() if "{{" in v]
         assert templates and all(v.startswith("{{ event.payload") or v == "{{ event.event }}" for v in templates)
+        if name.startswith("process-"):  # a crashed run (its worker died) runs again: test_worker_death.py
+            (rerun,) = reruns
+            assert rerun["expect"] == ["prefect.flow-run.Crashed"] and rerun["match"] == {"prefect.resource.id": "prefect.flow-run.*"}
+            flow = name.split("/")[0]
+            assert {"prefect.resource.role": "deployment", "prefect.resource.name": flow} in rerun["match_related"]
+            assert set(rerun["parameters"]) == set(trigger["parameters"])  # the same run, from the crashed run's parameters
+        else:
+            assert reruns == []
     assert specs["process-series/process-series"].triggers[0]["parameters"]["revision"] == "{{ event.payload.revision }}"
+
+
+def test_runs_send_heartbeats_and_a_zombie_automation_crashes_the_silent_ones() -> None:
+    """Prefect's documented zombie-flow automation, for dcmflow's runs only, with a window
+    longer than the declared heartbeat (else live runs would be crashed between beats)."""
+    heartbeat = int(flow_run_env()["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"])
+    assert heartbeat >= 30  # Prefect's minimum
+    (zombie,) = build_automations()
+    trigger = zombie.trigger.model_dump(mode="json")
+    assert trigger["posture"] == "Proactive" and trigger["after"] == ["prefect.flow-run.heartbeat"]
+    assert trigger["within"] >= 2 * heartbeat
+    assert trigger["match_related"] == {"prefect.resource.role": "tag", "prefect.resource.id": "prefect.tag.dcmflow"}
+    assert [(a.type, getattr(a, "state", None)) for a in zombie.actions] == [("change-flow-run-state", "CRASHED")]
+    assert all("dcmflow" in spec.tags for spec in read_specs())  # every run is watched
+    on_pool = runner_deployments(work_pool="p")
+    assert all(d.job_variables == {"env": flow_run_env()} for d in on_pool)  # the workers' runs beat too
 
 
 def test_served_deployments_are_the_declared_ones() -> None:
