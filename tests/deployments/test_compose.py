@@ -203,11 +203,9 @@ def test_workers_poll_the_declared_queues_or_a_channel_queue() -> None:
     assert plain and channel
 
 
-def test_workers_poll_fast_and_beat() -> None:
+def test_workers_poll_fast() -> None:
     for name in _workers():
-        env = _env(name)
-        assert float(env["PREFECT_WORKER_QUERY_SECONDS"]) <= 2, name
-        assert 30 <= float(env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"]) <= 60, name
+        assert float(_env(name)["PREFECT_WORKER_QUERY_SECONDS"]) <= 2, name  # Prefect's default: 10 s
 
 
 # --------------------------------------------------------------------------- commands
