@@ -108,6 +108,12 @@ class Settings(BaseSettings):
     max_flow_runs: int = Field(
         DEFAULT_MAX_FLOW_RUNS, ge=1, description="Flow runs (series, studies) that `dcmflow up` runs at once."
     )
+    channel_wait: float = Field(
+        30.0,
+        ge=0,
+        description="Seconds a job on a channel (e.g. gpu) waits for a worker to poll the queue channel-<name> "
+        "before it fails with 'no worker serves channel'.",
+    )
     tls_cert: Path | None = Field(
         None,
         description="PEM certificate chain of this node: the receiver's TLS certificate (enables TLS) and the "

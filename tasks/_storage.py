@@ -29,6 +29,7 @@ class RuntimeSettings(Protocol):
     s3_secure: bool
     s3_region: str | None
     ae_title: str
+    channel_wait: float
     tls_cert: Path | None
     tls_key: Path | None
     tls_ca: Path | None

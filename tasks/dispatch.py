@@ -51,6 +51,7 @@ __all__ = [
     "channel_queue",
     "flow_run_work_pool",
     "why_no_worker",
+    "wait_for_worker",
     "dispatch_job",
     "run_dispatched_job",
 ]
@@ -60,10 +61,9 @@ RUN_JOB_DEPLOYMENT = "run-job/run-job"
 """``flow/deployment`` of :func:`flows.run_job.run_job` in ``deployments/prefect.yaml``."""
 POLL_SECONDS = 0.5
 """How often the series flow reads a dispatched run's state."""
-QUEUE_CHECK_SECONDS = 5.0
-"""How often a run still waiting for a worker re-checks its channel's queue."""
-NO_WORKER_GRACE_SECONDS = 30.0
-"""How long a dispatched run may wait while no worker polls its queue, before the job fails."""
+QUEUE_CHECK_SECONDS = 1.0
+"""How often a job waiting for its channel's worker re-checks the queue (workers poll every
+``PREFECT_WORKER_QUERY_SECONDS``, 10 s by default)."""
 RUNNING_MARGIN_SECONDS = 120.0
 """A dispatched run running this long past the job's timeout is cancelled (the worker kills
 at the timeout itself; this catches a run whose machine stopped answering)."""
@@ -88,8 +88,10 @@ def flow_run_work_pool() -> str | None:
 def why_no_worker(client: SyncPrefectClient, pool: str, channel: str) -> str | None:
     """Why no worker would take a run on the channel's queue now; ``None`` when one polls it.
 
-    A queue is ``READY`` while a worker polled it recently (Prefect's own bookkeeping); a
-    misspelt or never-served channel has no queue, or one that is ``NOT_READY`` or paused.
+    A queue is ``READY`` while a worker polled it recently (Prefect's own bookkeeping). A
+    worker polling a queue that does not exist does not create it, and its polls mark
+    nothing: so a missing queue is created here, and the next poll of a worker serving the
+    channel makes it ``READY``.
     """
     from prefect.client.schemas.objects import WorkQueueStatus
     from prefect.exceptions import ObjectNotFound
@@ -98,13 +100,24 @@ def why_no_worker(client: SyncPrefectClient, pool: str, channel: str) -> str | N
     try:
         queue = client.read_work_queue_by_name(queue_name, work_pool_name=pool)
     except ObjectNotFound:
-        return f"no worker serves channel {channel!r} (work pool {pool!r} has no queue {queue_name})"
+        client.create_work_queue(name=queue_name, work_pool_name=pool, description=f"dcmflow jobs on channel {channel}")
+        return f"no worker serves channel {channel!r} (work queue {queue_name} of pool {pool!r} was missing)"
     if queue.status == WorkQueueStatus.READY:
         return None
     if queue.is_paused or queue.status == WorkQueueStatus.PAUSED:
         return f"channel {channel!r} is paused (work queue {queue_name} of pool {pool!r})"
     polled = queue.last_polled.isoformat(timespec="seconds") if queue.last_polled else "never"
-    return f"no worker serves channel {channel!r} (work queue {queue_name} of pool {pool!r} last polled: {polled})"
+    return f"no worker serves channel {channel!r} (work queue {queue_name} of pool {pool!r}, last polled: {polled})"
+
+
+def wait_for_worker(client: SyncPrefectClient, pool: str, channel: str, wait: float) -> str | None:
+    """``None`` once a worker polls the channel's queue; else, after ``wait`` seconds, why not."""
+    deadline = time.monotonic() + wait
+    while True:
+        problem = why_no_worker(client, pool, channel)
+        if problem is None or time.monotonic() >= deadline:
+            return problem
+        time.sleep(QUEUE_CHECK_SECONDS)
 
 
 def _cancel(client: SyncPrefectClient, flow_run_id: UUID, message: str) -> None:
@@ -113,11 +126,12 @@ def _cancel(client: SyncPrefectClient, flow_run_id: UUID, message: str) -> None:
     client.set_flow_run_state(flow_run_id, Cancelled(message=message), force=True)
 
 
-def _follow(client: SyncPrefectClient, flow_run_id: UUID, pool: str, job: PlannedJob) -> tuple[str, str]:
+def _follow(client: SyncPrefectClient, flow_run_id: UUID, pool: str, job: PlannedJob, wait: float) -> tuple[str, str]:
     """Wait for the dispatched run to end: its state type and message.
 
-    Gives up (cancelling the run) when it waits ``NO_WORKER_GRACE_SECONDS`` with no worker
-    polling its queue, or runs ``RUNNING_MARGIN_SECONDS`` past the job's timeout.
+    Gives up (cancelling the run) when it waits ``wait`` seconds with no worker polling its
+    queue (the workers went away after it was dispatched), or runs
+    ``RUNNING_MARGIN_SECONDS`` past the job's timeout.
     """
     unserved_since: float | None = None
     running_since: float | None = None
@@ -141,8 +155,8 @@ def _follow(client: SyncPrefectClient, flow_run_id: UUID, pool: str, job: Planne
                 unserved_since = None
             elif unserved_since is None:
                 unserved_since = now
-            elif now - unserved_since >= NO_WORKER_GRACE_SECONDS:
-                message = f"{problem}; gave up after {NO_WORKER_GRACE_SECONDS:.0f} s"
+            elif now - unserved_since >= wait:
+                message = f"{problem}; gave up after {wait:.0f} s"
                 _cancel(client, flow_run_id, message)
                 return "NO_WORKER", message
         time.sleep(POLL_SECONDS)
@@ -179,8 +193,9 @@ def dispatch_job(settings: RuntimeSettings, run: SessionRun, job: PlannedJob, po
     attempt = int(task_run.run_count or 1)
     queue = channel_queue(job.channel)
     with get_client(sync_client=True) as client:
-        problem = why_no_worker(client, pool, job.channel)
+        problem = wait_for_worker(client, pool, job.channel, settings.channel_wait)
         if problem is not None:
+            problem = f"{problem}; waited {settings.channel_wait:.0f} s (DCMFLOW_CHANNEL_WAIT)"
             _fail(settings, job, JobState.FAILED, problem, attempt)
             raise JobFailedError(f"job {job.name!r}: {problem}")
         flow_run = run_deployment(  # called from sync code: returns the FlowRun, not a coroutine
@@ -197,7 +212,7 @@ def dispatch_job(settings: RuntimeSettings, run: SessionRun, job: PlannedJob, po
         repository.put_session_data(run.session_id, "dispatch", where, job_name=job.name)
         logger.info("job %s attempt %d dispatched to channel %s: flow run %s", job.name, attempt, job.channel, flow_run.name)
         started = time.monotonic()
-        state, message = _follow(client, flow_run.id, pool, job)
+        state, message = _follow(client, flow_run.id, pool, job, settings.channel_wait)
     record = next(j for j in repository.list_jobs(session_id=run.session_id) if j.id == job.job_id)
     if state == "COMPLETED" and record.state == JobState.SUCCEEDED.value:
         files = [f for f in repository.list_session_files(run.session_id) if f.job_name == job.name]

@@ -55,8 +55,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_prefect_server(home: Path, *, timeout: float = 90.0) -> PrefectServer:
-    """Start ``prefect server start`` with its own PREFECT_HOME and SQLite database.
+def start_prefect_server(home: Path, *, timeout: float = 90.0, database_url: str | None = None) -> PrefectServer:
+    """Start ``prefect server start`` with its own PREFECT_HOME and SQLite database
+    (or ``database_url``, e.g. ``postgresql+asyncpg://…``, as in production).
 
     Raises
     ------
@@ -69,7 +70,7 @@ def start_prefect_server(home: Path, *, timeout: float = 90.0) -> PrefectServer:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(
         PREFECT_HOME=str(home),
-        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+        PREFECT_API_DATABASE_CONNECTION_URL=database_url or f"sqlite+aiosqlite:///{home / 'prefect.db'}",
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_UI_ENABLED="false",
         PREFECT_LOGGING_LEVEL="WARNING",

@@ -145,7 +145,7 @@ class Up:
 
     @property
     def api(self) -> str:
-        return f"http://127.0.0.1:{self.prefect_port}/api"
+        return self.extra_env.get("PREFECT_API_URL", f"http://127.0.0.1:{self.prefect_port}/api")
 
     def dcmflow(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*DCMFLOW, *args], env=self.env, capture_output=True, text=True, check=check, timeout=120)
@@ -159,10 +159,14 @@ class Up:
             timeout=60,
         )
 
+    def settings(self) -> Settings:
+        """The stack's settings (its home, and any database or object store in ``extra_env``)."""
+        return Settings(**{k.removeprefix("DCMFLOW_").lower(): v for k, v in self.env.items() if k.startswith("DCMFLOW_")})
+
     def repository(self):  # type: ignore[no-untyped-def]
         from dcmflow.wiring import repository_from
 
-        return repository_from(Settings(home=self.home))
+        return repository_from(self.settings())
 
     def sessions(self, series_uid: str) -> list[SessionPublic]:
         return [s for s in self.repository().list_sessions(series_uid=series_uid)]
