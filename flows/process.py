@@ -2,7 +2,8 @@
 
 Each is the same short sequence (STYLE.md §9): load the headers, record a session, evaluate
 callbacks and plan the DAG, record the jobs, materialise the files, run the DAG
-(:mod:`flows._dag`), publish the job table and DAG artifacts, close the session. The flow run
+(:mod:`flows._dag`) while the series archive gets what it lacks, publish the job table and
+DAG artifacts, close the session. The flow run
 ends **Failed** when any job failed or timed out (or an output could not be sent),
 **Completed** otherwise; the Job records say what happened to each job.
 
@@ -42,6 +43,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from tasks.claims import GaveUp
 from tasks.context import EarlierRun, PlannedRun, Target
 from tasks.jobs import (
+    archive,
     finish_session,
     load_target,
     materialise,
@@ -132,7 +134,9 @@ def run_processing(
         planned = plan_jobs(settings, target, only_jobs)
         run, planned = record_jobs(settings, run, planned)
         materialise(settings, run)
+        archiving = archive.submit(settings, run)  # beside the jobs: no job waits for the packing
         outcome = run_dag(settings, run, planned, parallel)
+        archiving.wait()
         failed = bool(outcome.failed or outcome.send_errors)
     finally:
         if planned is not None:

@@ -73,6 +73,7 @@ __all__ = [
     "start_session",
     "record_jobs",
     "materialise",
+    "archive",
     "run_job",
     "execute_job",
     "record_skipped",
@@ -138,30 +139,52 @@ def record_jobs(settings: RuntimeSettings, run: SessionRun, planned: PlannedRun)
 def materialise(settings: RuntimeSettings, run: SessionRun) -> int:
     """Put every series of the run under ``$DATA/dicom/<study>/<series>`` (read-only, cached).
 
-    Each series comes from its archive when it has one (:mod:`tasks.materialise`); then the
-    archive gets what it lacks from the cache (:mod:`tasks.archiving`: the first run of a
-    revision writes its part). A failed archive write is a warning, not a failed run: the
-    files are in place, and the next run of the series appends what is missing.
+    Each series comes from its archive when it has one, else from its instance objects
+    (:mod:`tasks.materialise`); :func:`archive` then archives what the archive lacks.
     """
     logger = get_run_logger()
     repository, store = repository_of(settings), store_of(settings)
-    series = [run.series_uid] if run.series_uid else list(run.headers.get("seriesIds", []))
     count = 0
-    for uid in series:
+    for uid in _series_of(run):
         instances = repository.list_instances(uid)
         cached = fill_cache(store, instances, study_uid=run.study_uid, series_uid=uid, cache_dir=work_dirs(settings)["cache"])
         logger.info("series %s: %s", uid, cached.line())
         count += place_series(instances, cached, Path(run.data_dir) / "dicom" / run.study_uid / uid)
+    return count
+
+
+@task(name="archive-series", cache_policy=NO_CACHE)
+def archive(settings: RuntimeSettings, run: SessionRun) -> int:
+    """Append to each series' archive the instances it lacks, from the cache :func:`materialise`
+    filled (the first run of a revision writes its part; later ones find nothing to add).
+
+    The flow runs it beside the jobs, not before them: packing a 300-instance CT takes
+    seconds that no job should wait for. A failed write is a warning, not a failed run: the
+    next run of the series appends what is missing, and reads fall back to the instance
+    objects meanwhile. Returns the number of instances archived now.
+    """
+    logger = get_run_logger()
+    repository, store = repository_of(settings), store_of(settings)
+    added = 0
+    for uid in _series_of(run):
+        instances = repository.list_instances(uid)
         try:
+            cached = fill_cache(store, instances, study_uid=run.study_uid, series_uid=uid, cache_dir=work_dirs(settings)["cache"])
             archived = archive_series(
                 store, instances, cached.files, study_uid=run.study_uid, series_uid=uid,
                 index=cached.index, index_known=cached.index_read,
             )
         except StorageError as exc:
             logger.warning("series %s: archive not written: %s", uid, exc)
-        else:
-            logger.info("series %s: %s", uid, archived.line())
-    return count
+            continue
+        logger.info("series %s: %s", uid, archived.line())
+        added += archived.appended
+    return added
+
+
+def _series_of(run: SessionRun) -> list[str]:
+    """The series of a run: its own, or every series of its study."""
+    return [run.series_uid] if run.series_uid else list(run.headers.get("seriesIds", []))
 
 
 def _import_paths(job: PlannedJob, run: SessionRun) -> list[str]:
