@@ -336,7 +336,8 @@ class Stack:
         """Refuse to start next to a running ``up``, or on a busy port (one line)."""
         cfg = self.config
         running = read_state(cfg.home)
-        if running is not None:
+        # a container's `up` has the same pid at every start: its own pid in the file is stale
+        if running is not None and running.pid != os.getpid():
             raise StackError(f"dcmflow up is already running for {cfg.home} (pid {running.pid}); `dcmflow status` shows it")
         swept = stop_orphans(cfg.home)
         if swept:

@@ -58,7 +58,8 @@ def _banner(stack: Stack, settings: Settings) -> None:
         f"TCP_NODELAY=1 /usr/bin/storescu -aec {state.ae_title} 127.0.0.1 {state.dicom_port} +sd +r FOLDER)",
         (
             f"  flows         on work pool {state.work_pool} (queues by priority: {', '.join(read_work_queues())}); workers: "
-            f"`PREFECT_API_URL={state.api_url} prefect worker start --pool {state.work_pool} --limit 4`"
+            f"`PREFECT_API_URL={state.api_url} prefect worker start --pool {state.work_pool} "
+            f"{' '.join(f'--work-queue {q}' for q in read_work_queues())} --limit 4`"
             if state.work_pool
             else f"  flows         served here: {settings.max_flow_runs} live runs and {settings.max_backfill_runs} "
             "backfill run(s) at once"
