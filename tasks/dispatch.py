@@ -120,10 +120,12 @@ def wait_for_worker(client: SyncPrefectClient, pool: str, channel: str, wait: fl
         time.sleep(QUEUE_CHECK_SECONDS)
 
 
-def _cancel(client: SyncPrefectClient, flow_run_id: UUID, message: str) -> None:
-    from prefect.states import Cancelled
+def _cancel(client: SyncPrefectClient, flow_run_id: UUID, message: str, *, running: bool) -> None:
+    """Cancel a dispatched run: a running one through ``Cancelling`` (its worker then kills the
+    run's process), one that never started at once."""
+    from prefect.states import Cancelled, Cancelling
 
-    client.set_flow_run_state(flow_run_id, Cancelled(message=message), force=True)
+    client.set_flow_run_state(flow_run_id, Cancelling(message=message) if running else Cancelled(message=message), force=True)
 
 
 def _follow(client: SyncPrefectClient, flow_run_id: UUID, pool: str, job: PlannedJob, wait: float) -> tuple[str, str]:
@@ -146,7 +148,7 @@ def _follow(client: SyncPrefectClient, flow_run_id: UUID, pool: str, job: Planne
             unserved_since = None
             if now - running_since > job.timeout + RUNNING_MARGIN_SECONDS:
                 message = f"still running {job.timeout + RUNNING_MARGIN_SECONDS:.0f} s after it started (timeout {job.timeout:.0f} s)"
-                _cancel(client, flow_run_id, message)
+                _cancel(client, flow_run_id, message, running=True)
                 return "TIMED_OUT", message
         elif now >= next_check:
             next_check = now + QUEUE_CHECK_SECONDS
@@ -157,7 +159,7 @@ def _follow(client: SyncPrefectClient, flow_run_id: UUID, pool: str, job: Planne
                 unserved_since = now
             elif now - unserved_since >= wait:
                 message = f"{problem}; gave up after {wait:.0f} s"
-                _cancel(client, flow_run_id, message)
+                _cancel(client, flow_run_id, message, running=False)
                 return "NO_WORKER", message
         time.sleep(POLL_SECONDS)
 
