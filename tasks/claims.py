@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DeadRun", "GaveUp", "MAX_CRASHED_SESSIONS", "claim_revision", "give_up_if_crashing", "prefect_dead_run"]
 
-DeadRun = Callable[[str], "str | None"]
+DeadRun = Callable[[str], str | None]
 """Given a flow run id: why that run can no longer finish (one line), or ``None`` if it may."""
 
 MAX_CRASHED_SESSIONS = 3
