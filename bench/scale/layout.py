@@ -66,6 +66,17 @@ def wait_until(what: str, check: Callable[[], Any], timeout: float = 120.0, ever
         time.sleep(every)
 
 
+def spawn(argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+    """``Popen`` in a new session with SIGINT/SIGTERM held until the handle is returned, so an
+    interrupt cannot leave a started process the bench does not know of."""
+    blocked = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    try:
+        return subprocess.Popen(argv, start_new_session=True, **kwargs)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def stop_group(process: subprocess.Popen[bytes], grace: float = 20.0, sig: int = signal.SIGTERM) -> None:
     """Signal the process group we started (its own session), SIGKILL it after ``grace``."""
     if process.poll() is not None:
@@ -82,6 +93,40 @@ def stop_group(process: subprocess.Popen[bytes], grace: float = 20.0, sig: int =
         except ProcessLookupError:
             pass
         process.wait(timeout=10)
+
+
+# --------------------------------------------------------------------------- CPU accounting
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """CPU seconds (user + system) used by the process group ``pgid`` and its reaped children.
+
+    Sums utime + stime + cutime + cstime over the group's live processes: a process that has
+    exited and was waited for by a live member counts in that member's cutime/cstime, a live
+    one by itself; read when the group is idle, that is everything the group ever ran (flow
+    runs and job processes in sessions of their own included, once reaped).
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # fields[0] is the state (field 3 of stat), pgrp is field 5
+            total += sum(int(v) for v in fields[11:15])  # utime stime cutime cstime (fields 14-17)
+    return total / tick
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) jiffies of all CPUs since boot, from /proc/stat (every process on the machine)."""
+    with open("/proc/stat") as fh:
+        values = [int(v) for v in fh.readline().split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)
+    return sum(values[:8]) - idle, sum(values[:8])
 
 
 # --------------------------------------------------------------------------- databases
@@ -255,9 +300,9 @@ class Layout:
             PREFECT_LOGGING_LEVEL="WARNING",
         )
         log = (self.root / "prefect-server.log").open("ab")
-        self.server = subprocess.Popen(
+        self.server = spawn(
             [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env=env, stdout=log, stderr=subprocess.STDOUT,
         )
         self.api_url = f"http://127.0.0.1:{port}/api"
 
@@ -286,9 +331,9 @@ class Layout:
 
         self.dicom_port = free_port()
         log = (self.root / "up.log").open("ab")
-        self.up = subprocess.Popen(
+        self.up = spawn(
             [*DCMFLOW, "up", "--port", str(self.dicom_port), "--prefect-port", str(free_port())],
-            env=self.env_for(home), cwd=home, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env=self.env_for(home), cwd=home, stdout=log, stderr=subprocess.STDOUT,
         )
 
         def ready() -> bool:
@@ -310,9 +355,8 @@ class Layout:
                 "--name", name, "--limit", str(limit)]
         for queue in queues:
             argv += ["--work-queue", queue]
-        self.workers[name] = subprocess.Popen(
+        self.workers[name] = spawn(
             argv, env=env, cwd=home, stdout=(self.root / f"worker-{name}.log").open("ab"), stderr=subprocess.STDOUT,
-            start_new_session=True,
         )
 
     def wait_workers_online(self, names: list[str], timeout: float = 120) -> None:
@@ -325,6 +369,14 @@ class Layout:
             return all(n in seen and seen[n].get("status") == "ONLINE" for n in names)
 
         wait_until(f"workers {', '.join(names)} to be online", online, timeout=timeout)
+
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds so far of the workers (together), the Prefect server and ``up``."""
+        return {
+            "workers": sum(group_cpu_seconds(p.pid) for p in self.workers.values() if p.poll() is None),
+            "server": group_cpu_seconds(self.server.pid) if self.server is not None else 0.0,
+            "up": group_cpu_seconds(self.up.pid) if self.up is not None else 0.0,
+        }
 
     def stop_workers(self) -> None:
         for name in list(self.workers):
@@ -349,6 +401,14 @@ class Layout:
 
     def active_runs(self) -> list[dict[str, Any]]:
         return list(self.post("/flow_runs/filter", {"flow_runs": {"state": {"type": {"any_": ACTIVE_STATES}}}, "limit": 50}))
+
+    def pending_at(self, flow_run_id: str) -> dt.datetime | None:
+        """When a worker took the run (its Pending state), from its state history."""
+        assert self.http is not None
+        response = self.http.get("/flow_run_states/", params={"flow_run_id": flow_run_id})
+        response.raise_for_status()
+        times = [parse_time(s["timestamp"]) for s in response.json() if s["type"] == "PENDING"]
+        return min((t for t in times if t), default=None)
 
     def task_runs(self, flow_run_id: str) -> list[dict[str, Any]]:
         return list(self.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}, "limit": 200}))

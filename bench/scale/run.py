@@ -59,7 +59,7 @@ for path in (ROOT, HERE, ROOT / "bench"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from layout import FINAL_STATES, Layout, parse_time, wait_until  # noqa: E402
+from layout import FINAL_STATES, Layout, machine_busy, parse_time, wait_until  # noqa: E402
 
 SERVICE = HERE / "service"
 POOL = "scale"
@@ -130,14 +130,22 @@ class Phase:
     send_s: float = 0.0
     elapsed_s: float | None = None
     first_created_s: float | None = None
+    last_created_s: float | None = None
     run_median_s: float | None = None
+    start_median_s: float | None = None  # Pending (a worker took it) -> Running: the flow run's process start
     concurrency: int = 0
     load_before: tuple[float, float, float] = (0, 0, 0)
     load_after: tuple[float, float, float] = (0, 0, 0)
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds of the phase: workers, server, up
+    busy: float | None = None  # fraction of the machine's CPU time busy (every process) during the phase
 
     @property
     def per_minute(self) -> float | None:
         return self.completed / self.elapsed_s * 60 if self.elapsed_s else None
+
+    @property
+    def cpu_per_series(self) -> float | None:
+        return self.cpu["workers"] / self.series if self.cpu else None
 
 
 def run_phase(layout: Layout, args: argparse.Namespace, workers: int, mode: str, tag: int) -> Phase:
@@ -151,6 +159,7 @@ def run_phase(layout: Layout, args: argparse.Namespace, workers: int, mode: str,
     uids = set(write_series(folder, args.series, args.slices, MODES[mode], tag))
     time.sleep(2)  # a worker's first polls are behind it
     phase.load_before = load()
+    cpu_before, busy_before = layout.cpu(), machine_busy()
     since = dt.datetime.now(dt.UTC)
     t0 = time.monotonic()
     layout.send(folder)
@@ -181,15 +190,23 @@ def run_phase(layout: Layout, args: argparse.Namespace, workers: int, mode: str,
     if completed:
         last = max(parse_time(r["end_time"]) for r in completed)  # type: ignore[type-var]
         phase.elapsed_s = seconds(since, last)
-        phase.first_created_s = min(s for r in runs if (s := seconds(since, parse_time(r["created"]))) is not None)
+        created = [s for r in runs if (s := seconds(since, parse_time(r["created"]))) is not None]
+        phase.first_created_s, phase.last_created_s = min(created), max(created)
         spans = [(parse_time(r["start_time"]), parse_time(r["end_time"])) for r in completed if r.get("start_time")]
         phase.run_median_s = med([seconds(a, b) for a, b in spans])
-        phase.concurrency = max_overlap([(a, b) for a, b in spans if a and b])
+        # a worker's slot is taken from Pending (it took the run) to the end
+        slots = [(layout.pending_at(r["id"]), parse_time(r["start_time"]), parse_time(r["end_time"])) for r in completed]
+        phase.start_median_s = med([seconds(p, s) for p, s, _ in slots])
+        phase.concurrency = max_overlap([(p, e) for p, _, e in slots if p and e])
     layout.wait_idle()  # process-study / study-received of the phase's study too: nothing leaks on
+    cpu_after, busy_after = layout.cpu(), machine_busy()
+    phase.cpu = {k: cpu_after[k] - cpu_before[k] for k in cpu_after}
+    phase.busy = (busy_after[0] - busy_before[0]) / max(1, busy_after[1] - busy_before[1])
     layout.stop_workers()
     print(f"  {workers} worker(s), {mode:5}: {phase.completed}/{phase.series} series completed in "
           f"{num(phase.elapsed_s, 0, 1)} s = {num(phase.per_minute, 0, 1)} series/min "
-          f"(at most {phase.concurrency} runs at once; load {fmt_load(phase.load_before)} -> {fmt_load(phase.load_after)})",
+          f"(at most {phase.concurrency} series runs at once, process start {num(phase.start_median_s, 0, 1)} s; workers' CPU {num(phase.cpu_per_series, 0, 1)} s per series; "
+          f"machine {num(phase.busy * 100 if phase.busy is not None else None, 0, 0)} % busy; load {fmt_load(phase.load_before)} -> {fmt_load(phase.load_after)})",
           flush=True)
     for line in phase.not_completed[:5]:
         print(f"    not completed: {line}", flush=True)
@@ -250,7 +267,8 @@ def run_dispatch(layout: Layout, args: argparse.Namespace) -> list[Dispatch]:
                 task = tasks[-1]
                 result.task_s = seconds(parse_time(task.get("start_time")), parse_time(task.get("end_time")))
                 if kind == "gpu":
-                    job_runs = [r for r in layout.flow_runs("run-job", since) if r.get("parent_task_run_id") == task["id"]]
+                    job_runs = [r for r in layout.flow_runs("run-job", since)
+                                if (r["parameters"].get("job") or {}).get("name") == "noop-gpu"]
                     if job_runs:
                         jr = job_runs[-1]
                         result.job_run_pickup_s = seconds(parse_time(jr["created"]), parse_time(jr.get("start_time")))
@@ -301,11 +319,12 @@ def report(args: argparse.Namespace, layout_info: dict[str, str], phases: list[P
           f"DAG a -> (b, c) -> d, 1 s per job")
     print()
     print("throughput: first C-STORE of the phase -> last process-series run Completed")
-    print(f"{'workers':>7} {'jobs':>6} {'series':>7} {'seconds':>8} {'series/min':>11} {'send s':>7} {'1st run created s':>18} "
-          f"{'run median s':>13} {'max at once':>12}  load before -> after")
+    print(f"{'workers':>7} {'jobs':>6} {'series':>7} {'seconds':>8} {'series/min':>11} {'send s':>7} {'runs created s':>15} "
+          f"{'start s':>8} {'run s':>6} {'max at once':>12} {'CPU s/series':>13} {'server CPU s':>13} {'machine busy':>13}  load before -> after")
     for p in phases:
         print(f"{p.workers:>7} {p.mode:>6} {p.completed:>3}/{p.series:<3} {num(p.elapsed_s, 8, 1)} {num(p.per_minute, 11, 1)} "
-              f"{num(p.send_s, 7)} {num(p.first_created_s, 18)} {num(p.run_median_s, 13)} {p.concurrency:>12}  "
+              f"{num(p.send_s, 7)} {num(p.first_created_s, 6, 1)} …{num(p.last_created_s, 6, 1)} {num(p.start_median_s, 8, 1)} {num(p.run_median_s, 6, 1)} {p.concurrency:>12} "
+              f"{num(p.cpu_per_series, 13, 1)} {num(p.cpu.get('server'), 13, 1)} {num(p.busy * 100 if p.busy is not None else None, 11, 0)} %  "
               f"{fmt_load(p.load_before)} -> {fmt_load(p.load_after)}")
     for mode in MODES:
         one = next((p for p in phases if p.mode == mode and p.workers == 1), None)
