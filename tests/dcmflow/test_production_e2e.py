@@ -31,7 +31,7 @@ import pytest
 
 from dcmflow.prefect_api import api_client, create_run
 from tests.conftest import S3Endpoint, _pg_admin_connect
-from tests.dcmflow.test_up_e2e import Up, completed, wait_for, write_study
+from tests.dcmflow.test_up_e2e import Up, wait_for, write_study
 from tests.prefect_server import PrefectServer, start_prefect_server
 from tests.receiver.conftest import free_port
 
@@ -179,6 +179,10 @@ def _outputs(up: Up, series_uid: str) -> dict[str, str]:
 
 def test_channel_jobs_run_on_their_workers_and_live_series_pass_the_backlog(layout: Layout) -> None:
     up = layout.up
+    with api_client(up.api) as api:
+        queues = api.post(f"/work_pools/{POOL}/queues/filter", json={}).raise_for_status().json()
+    priorities = {q["name"]: q["priority"] for q in queues}
+    assert priorities["live"] < priorities["backfill"]  # up created the pool and its queues
     layout.start_worker("series", "live", "backfill")
     gpu_home = layout.start_worker("gpu", "channel-gpu")
     by_series = write_study(layout.root / "study", series=1)

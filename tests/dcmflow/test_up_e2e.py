@@ -336,7 +336,7 @@ def _marked(home: Path) -> list[int]:
 
 
 def test_kill_9_mid_flow_then_restart_processes_the_series_exactly_once(tmp_path_factory: pytest.TempPathFactory) -> None:
-    up = make_up(tmp_path_factory.mktemp("crash"), "home", job_sleep=20)
+    up = make_up(tmp_path_factory.mktemp("crash"), "home", job_sleep=6)
     first = up.start()
     try:
         by_series = write_study(up.home.parent / "study", series=1)
@@ -368,45 +368,6 @@ def test_kill_9_mid_flow_then_restart_processes_the_series_exactly_once(tmp_path
     assert UP_HOME_MARK  # the mark the sweep looks for is the stack's contract
 
 
-def test_with_a_work_pool_workers_run_live_runs_and_backfills_on_their_queues(tmp_path_factory: pytest.TempPathFactory) -> None:
-    up = make_up(tmp_path_factory.mktemp("pool"), "home")
-    up.extra_env["DCMFLOW_WORK_POOL"] = "e2e-pool"
-    state = up.start()
-    worker: subprocess.Popen[bytes] | None = None
-    try:
-        assert state.work_pool == "e2e-pool" and state.runner_pids == []
-        with api_client(up.api) as api:
-            queues = api.post("/work_pools/e2e-pool/queues/filter", json={}).raise_for_status().json()
-        priorities = {q["name"]: q["priority"] for q in queues}
-        assert priorities["live"] < priorities["backfill"]
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "worker", "start", "--pool", "e2e-pool", "--limit", "2"],
-            env={**up.env, "PREFECT_API_URL": up.api, "PREFECT_WORKER_QUERY_SECONDS": "1"},
-            stdout=(up.home.parent / "worker.log").open("ab"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        by_series = write_study(up.home.parent / "study", series=1)
-        (uid,) = by_series
-        up.send(by_series[uid][0].parent)
-        (live,) = wait_for("the worker to run process-series", lambda: completed(r := up.flow_runs("process-series", series_uid=uid)) and r, timeout=180)
-        assert live["work_queue_name"] == "live" and live["parameters"]["revision"] == 1
-        env = {**up.env, "PREFECT_API_URL": up.api}
-        started = subprocess.run(
-            [sys.executable, "-m", "prefect", "deployment", "run", "reprocess/reprocess", "--param", f'series_uid="{uid}"'],
-            env=env, capture_output=True, text=True, timeout=120,
-        )
-        assert started.returncode == 0, started.stdout + started.stderr
-        (backfill,) = wait_for("the worker to run reprocess", lambda: completed(r := up.flow_runs("reprocess", series_uid=uid)) and r, timeout=180)
-        assert backfill["work_queue_name"] == "backfill"
-        assert [(s.trigger, s.state) for s in up.sessions(uid)] == [(SERIES_STABLE, "completed"), ("reprocess", "completed")]
-    finally:
-        if worker is not None:
-            os.killpg(worker.pid, signal.SIGTERM)
-            worker.wait(timeout=60)
-        up.stop()
-
-
 def test_a_live_series_does_not_wait_behind_a_reprocessing_backlog(tmp_path_factory: pytest.TempPathFactory) -> None:
     """One live and one backfill slot: with one runner for both, the new series would wait ~20 s."""
     up = make_up(tmp_path_factory.mktemp("backfill"), "home", install=False)
@@ -432,7 +393,6 @@ def test_a_live_series_does_not_wait_behind_a_reprocessing_backlog(tmp_path_fact
         (live,) = wait_for("the new series' run to complete", lambda: completed(r := up.flow_runs("process-series", series_uid=uid)) and r, timeout=180)
         # 8 s backfill jobs, one at a time: the live run finished before the second one started
         assert any(r["start_time"] is None or r["start_time"] > live["end_time"] for r in backlog()), backlog()
-        wait_for("the backlog to finish", lambda: completed(backlog()), timeout=240)
     finally:
         up.stop()
 
