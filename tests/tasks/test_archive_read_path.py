@@ -30,27 +30,10 @@ from tasks.archiving import archive_series
 from tasks.context import load_series_target
 from tasks.materialise import CachedSeries, fill_cache, materialise_series, place_series
 from tests.factories import make_ct_series, make_small_series, to_p10_bytes
-from tests.storage.test_archive import CountingStore
+from tests.storage.test_archive import CountingStore, store  # noqa: F401 - the same counted store fixture (local and S3)
 from tests.tasks.helpers import make_home
 
 T0 = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
-
-
-@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> CountingStore:
-    if request.param == "local":
-        inner = open_object_store(local_root=tmp_path / "objects")
-    else:
-        s3 = request.getfixturevalue("s3_endpoint")
-        inner = open_object_store(
-            local_root=tmp_path / "unused",
-            endpoint=s3.endpoint,
-            access_key=s3.access_key,
-            secret_key=s3.secret_key,
-            secure=s3.secure,
-            bucket=request.getfixturevalue("s3_bucket_name"),
-        )
-    return CountingStore(inner)
 
 
 @pytest.fixture
