@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from dcmflow.prefect_api import api_client, create_run
+from dcmflow.prefect_api import api_client
 from tests.conftest import S3Endpoint, _pg_admin_connect
 from tests.dcmflow.test_up_e2e import Up, wait_for, write_study
 from tests.prefect_server import PrefectServer, start_prefect_server
@@ -207,7 +207,12 @@ def test_channel_jobs_run_on_their_workers_and_live_series_pass_the_backlog(layo
     assert job_run["parameters"]["job"]["name"] == "infer" and job_run["parent_task_run_id"]
 
     # a backlog of backfill runs, then a new series: it starts while most of the backlog waits
-    backlog = [create_run(up.api, "reprocess/reprocess", {"series_uid": uid, "only_jobs": ["after-tpu"]}) for _ in range(3)]
+    backlog = []
+    for _ in range(3):  # `dcmflow reprocess --all` queues one backfill run per received series (one here)
+        queued = up.dcmflow("reprocess", "--all", "--job", "after-tpu", "--json", check=False)
+        assert queued.returncode == 0, queued.stderr
+        backlog += [{"id": q["flow_run_id"]} for q in json.loads(queued.stdout)]
+    assert len(backlog) == 3
     fresh = write_study(layout.root / "fresh", series=1, seed=7)
     (new_uid,) = fresh
     up.send(fresh[new_uid][0].parent)

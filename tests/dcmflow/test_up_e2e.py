@@ -58,7 +58,7 @@ from pathlib import Path
 
 def count(jobName, headers, params, added_params, **kwargs):
     ledger = Path(params["home"]) / "ledger.txt"
-    sleep = 0 if headers.get("SeriesDescription") == "FAST" else float(params["sleep"])
+    sleep = float(params["sleep"])
     with ledger.open("a") as fh:
         fh.write(f"start {headers['seriesId']} {os.getpid()}\\n")
     time.sleep(sleep)
@@ -366,35 +366,6 @@ def test_kill_9_mid_flow_then_restart_processes_the_series_exactly_once(tmp_path
         up.stop()
     assert not _marked(up.home), "nothing of the stack may outlive a clean stop"
     assert UP_HOME_MARK  # the mark the sweep looks for is the stack's contract
-
-
-def test_a_live_series_does_not_wait_behind_a_reprocessing_backlog(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """One live and one backfill slot: with one runner for both, the new series would wait ~20 s."""
-    up = make_up(tmp_path_factory.mktemp("backfill"), "home", install=False)
-    up.extra_env["DCMFLOW_MAX_FLOW_RUNS"] = "1"
-    up.start()
-    try:
-        old = write_study(up.home.parent / "old", series=2)
-        up.send(up.home.parent / "old")
-        for uid in old:  # no service yet: quick runs that select no job
-            wait_for(f"{uid} processed", lambda uid=uid: completed(up.flow_runs("process-series", series_uid=uid)), timeout=180)
-        up.install_service(job_sleep=8)
-        backfill = up.dcmflow("reprocess", "--all", "--json", check=False)
-        assert backfill.returncode == 0, backfill.stderr
-        queued = json.loads(backfill.stdout)
-        assert sorted(q["series_uid"] for q in queued) == sorted(old)  # one backfill run per series
-
-        def backlog() -> list[dict[str, Any]]:
-            return [r for q in queued for r in up.flow_runs("reprocess", series_uid=q["series_uid"])]
-
-        new = write_study(up.home.parent / "new", series=1, description="FAST")  # its job does not sleep
-        (uid,) = new
-        up.send(up.home.parent / "new")
-        (live,) = wait_for("the new series' run to complete", lambda: completed(r := up.flow_runs("process-series", series_uid=uid)) and r, timeout=180)
-        # 8 s backfill jobs, one at a time: the live run finished before the second one started
-        assert any(r["start_time"] is None or r["start_time"] > live["end_time"] for r in backlog()), backlog()
-    finally:
-        up.stop()
 
 
 def test_backfill_without_a_stack_is_one_line(tmp_path: Path) -> None:
