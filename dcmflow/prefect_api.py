@@ -31,6 +31,7 @@ __all__ = [
     "run_parameters",
     "failed_actions",
     "recent_flow_runs",
+    "work_queues",
 ]
 
 log = logging.getLogger("dcmflow.prefect")
@@ -213,3 +214,31 @@ def recent_flow_runs(api_url: str, limit: int = 10) -> list[dict[str, Any]]:
                 }
             )
     return runs
+
+
+def work_queues(api_url: str, pool: str) -> list[dict[str, Any]]:
+    """The queues of a work pool by priority: name, priority, status (``READY`` while a worker
+    polls it), last poll, and how many runs wait there (what ``status`` shows of workers and
+    channels)."""
+    with api_client(api_url) as api:
+        found = api.post(f"/work_pools/{pool}/queues/filter", json={})
+        if found.status_code == 404:
+            return []
+        found.raise_for_status()
+        queues = []
+        for queue in sorted(found.json(), key=lambda q: (q.get("priority") or 0, q["name"])):
+            waiting = api.post(
+                "/flow_runs/count",
+                json={"work_pools": {"name": {"any_": [pool]}}, "work_pool_queues": {"name": {"any_": [queue["name"]]}},
+                      "flow_runs": {"state": {"type": {"any_": ["SCHEDULED", "PENDING"]}}}},
+            )
+            queues.append(
+                {
+                    "name": queue["name"],
+                    "priority": queue.get("priority"),
+                    "status": queue.get("status") or "",
+                    "last_polled": queue.get("last_polled"),
+                    "waiting": waiting.json() if waiting.status_code == 200 else None,
+                }
+            )
+    return queues

@@ -50,6 +50,7 @@ from dcmflow.prefect_api import (
     recent_flow_runs,
     run_parameters,
     ui_url_of,
+    work_queues,
 )
 
 from dcmflow.stack_state import StackState, clear_state, read_state, write_state
@@ -589,6 +590,7 @@ def collect_status(settings: Settings) -> dict[str, Any]:
         "prefect_healthy": False,
         "flow_runs": [],
         "failed_actions": [],
+        "work_queues": [],
     }
     repository = repository_from(settings)
     report["records"] = repository.count_records()
@@ -602,4 +604,6 @@ def collect_status(settings: Settings) -> dict[str, Any]:
         if report["prefect_healthy"]:
             report["flow_runs"] = recent_flow_runs(state.api_url)
             report["failed_actions"] = failed_actions(state.api_url, state.started_at)
+            if state.work_pool:
+                report["work_queues"] = work_queues(state.api_url, state.work_pool)
     return report

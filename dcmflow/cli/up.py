@@ -261,6 +261,9 @@ def _print_status(report: dict[str, Any]) -> None:
     if report["waiting"]:
         emit(report["waiting"], False, columns=["series_uid", "modality", "instance_count", "last_received_at"],
              title="series waiting for stability")
+    if report["work_queues"]:
+        emit(report["work_queues"], False, columns=["name", "priority", "status", "last_polled", "waiting"],
+             title=f"work queues of pool {report['stack']['work_pool']} (READY = a worker polls it)")
     if report["flow_runs"]:
         emit(report["flow_runs"], False, columns=["name", "deployment", "state", "start_time", "url"], title="recent flow runs")
     for failure in report["failed_actions"]:

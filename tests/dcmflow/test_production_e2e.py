@@ -205,6 +205,10 @@ def test_channel_jobs_run_on_their_workers_and_live_series_pass_the_backlog(layo
     (job_run,) = up.flow_runs("run-job")
     assert job_run["work_queue_name"] == "channel-gpu" and job_run["state"]["type"] == "COMPLETED"
     assert job_run["parameters"]["job"]["name"] == "infer" and job_run["parent_task_run_id"]
+    status = json.loads(up.dcmflow("status", "--json").stdout)  # which queues, channels too, have workers
+    queues = {q["name"]: q for q in status["work_queues"]}
+    assert queues["channel-gpu"]["status"] == "READY" and queues["live"]["status"] == "READY"
+    assert queues["channel-tpu"]["status"] == "NOT_READY" and queues["channel-tpu"]["waiting"] == 0
 
     # a backlog of backfill runs, then a new series: it starts while most of the backlog waits
     backlog = []
