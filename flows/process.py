@@ -133,8 +133,8 @@ def run_processing(
     try:
         planned = plan_jobs(settings, target, only_jobs)
         run, planned = record_jobs(settings, run, planned)
-        materialise(settings, run)
-        archiving = archive.submit(settings, run)  # beside the jobs: no job waits for the packing
+        read = materialise(settings, run)
+        archiving = archive.submit(settings, run, read)  # beside the jobs: no job waits for the packing
         outcome = run_dag(settings, run, planned, parallel)
         archiving.wait()
         failed = bool(outcome.failed or outcome.send_errors)

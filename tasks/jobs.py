@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from storage.errors import StorageError
-from storage.models import JobState, SessionState
+from storage.models import InstancePublic, JobState, SessionState
 
 from tasks._storage import RuntimeSettings, repository_of, store_of, work_dirs
 from tasks.context import (
@@ -52,7 +53,7 @@ from tasks.claims import GaveUp, prefect_dead_run
 from tasks.errors import JobFailedError, JobTimedOutError, SendError, TaskError
 from tasks.execution import JobProcess, run_job_process
 from tasks.archiving import archive_series
-from tasks.materialise import fill_cache, place_series
+from tasks.materialise import CachedSeries, fill_cache, place_series
 from tasks.outputs import (
     changed_files,
     link_tree,
@@ -74,6 +75,7 @@ __all__ = [
     "record_jobs",
     "materialise",
     "archive",
+    "MaterialisedSeries",
     "run_job",
     "execute_job",
     "record_skipped",
@@ -135,28 +137,40 @@ def record_jobs(settings: RuntimeSettings, run: SessionRun, planned: PlannedRun)
     return record_session_jobs(repository_of(settings), run, planned)
 
 
+@dataclass(frozen=True)
+class MaterialisedSeries:
+    """One series as :func:`materialise` read it: its instances and their cache files."""
+
+    series_uid: str
+    instances: list[InstancePublic]
+    cached: CachedSeries
+
+
 @task(name="materialise-files", cache_policy=NO_CACHE)
-def materialise(settings: RuntimeSettings, run: SessionRun) -> int:
+def materialise(settings: RuntimeSettings, run: SessionRun) -> list[MaterialisedSeries]:
     """Put every series of the run under ``$DATA/dicom/<study>/<series>`` (read-only, cached).
 
     Each series comes from its archive when it has one, else from its instance objects
-    (:mod:`tasks.materialise`); :func:`archive` then archives what the archive lacks.
+    (:mod:`tasks.materialise`); :func:`archive` then archives what the archive lacks, from
+    what this returns.
     """
     logger = get_run_logger()
     repository, store = repository_of(settings), store_of(settings)
-    count = 0
+    read = []
     for uid in _series_of(run):
         instances = repository.list_instances(uid)
         cached = fill_cache(store, instances, study_uid=run.study_uid, series_uid=uid, cache_dir=work_dirs(settings)["cache"])
         logger.info("series %s: %s", uid, cached.line())
-        count += place_series(instances, cached, Path(run.data_dir) / "dicom" / run.study_uid / uid)
-    return count
+        place_series(instances, cached, Path(run.data_dir) / "dicom" / run.study_uid / uid)
+        read.append(MaterialisedSeries(uid, instances, cached))
+    return read
 
 
 @task(name="archive-series", cache_policy=NO_CACHE)
-def archive(settings: RuntimeSettings, run: SessionRun) -> int:
-    """Append to each series' archive the instances it lacks, from the cache :func:`materialise`
-    filled (the first run of a revision writes its part; later ones find nothing to add).
+def archive(settings: RuntimeSettings, run: SessionRun, read: Sequence[MaterialisedSeries]) -> int:
+    """Append to each series' archive the instances it lacks, from the cache files
+    :func:`materialise` read (the first run of a revision writes its part; later ones find
+    nothing to add), without listing or fetching anything again.
 
     The flow runs it beside the jobs, not before them: packing a 300-instance CT takes
     seconds that no job should wait for. A failed write is a warning, not a failed run: the
@@ -164,20 +178,18 @@ def archive(settings: RuntimeSettings, run: SessionRun) -> int:
     objects meanwhile. Returns the number of instances archived now.
     """
     logger = get_run_logger()
-    repository, store = repository_of(settings), store_of(settings)
+    store = store_of(settings)
     added = 0
-    for uid in _series_of(run):
-        instances = repository.list_instances(uid)
+    for series in read:
         try:
-            cached = fill_cache(store, instances, study_uid=run.study_uid, series_uid=uid, cache_dir=work_dirs(settings)["cache"])
             archived = archive_series(
-                store, instances, cached.files, study_uid=run.study_uid, series_uid=uid,
-                index=cached.index, index_known=cached.index_read,
+                store, series.instances, series.cached.files, study_uid=run.study_uid, series_uid=series.series_uid,
+                index=series.cached.index, index_known=series.cached.index_read,
             )
         except StorageError as exc:
-            logger.warning("series %s: archive not written: %s", uid, exc)
+            logger.warning("series %s: archive not written: %s", series.series_uid, exc)
             continue
-        logger.info("series %s: %s", uid, archived.line())
+        logger.info("series %s: %s", series.series_uid, archived.line())
         added += archived.appended
     return added
 

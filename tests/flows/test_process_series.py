@@ -215,3 +215,14 @@ def test_task_runs_are_named_after_jobs(dag_run: DagRun, prefect_server) -> None
     with prefect_client_env(prefect_server):
         found = asyncio.run(names())
     assert {"a", "b", "c", "d", "slow", "crash", "flaky", "export"} <= found
+
+
+def test_the_run_archives_the_series_it_read(dag_run: DagRun) -> None:
+    """The archive-series task packs, beside the jobs, every instance the run materialised."""
+    from storage.archive import read_series_index
+
+    series = dag_run.home.repo.get_series(dag_run.series_uid)
+    assert series is not None
+    index = read_series_index(dag_run.home.store, series.study_uid, dag_run.series_uid)
+    instances = dag_run.home.repo.list_instances(dag_run.series_uid)
+    assert {(e.sop_uid, e.sha256) for e in index.latest()} == {(i.sop_uid, i.sha256) for i in instances}
