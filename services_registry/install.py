@@ -17,7 +17,11 @@ version instead:
 Services of installed distributions (entry point group ``dcmflow.services``) are recorded by
 :func:`install_entry_points` without copying: they are imported by name from the environment,
 and :func:`installed_specs` loads them from there again, refusing code that differs from
-what was recorded.
+what was recorded. dcmflow's own built-in services (:mod:`services_registry.builtin`) are
+advertised the same way but stay off until :func:`enable_service` records them, optionally
+with some of their ``params`` set by the user (kept as ``paramsOverride`` in the job record's
+``extra`` and folded into the version's content hash, so new params make a new version);
+:func:`disable_service` makes every version inactive.
 
 Nothing is copied, recorded or uploaded before the service passed every check of
 :func:`services_registry.check_service` against the other installed services.
@@ -25,6 +29,7 @@ Nothing is copied, recorded or uploaded before the service passed every check of
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -32,7 +37,7 @@ import shutil
 import tarfile
 import tempfile
 from pathlib import Path
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
@@ -60,6 +65,11 @@ __all__ = [
     "bundle_key",
     "install_service",
     "install_entry_points",
+    "BUILTIN_PACKAGE",
+    "is_builtin",
+    "available_services",
+    "enable_service",
+    "disable_service",
     "installed_specs",
     "installed_version",
     "ensure_local",
@@ -71,6 +81,39 @@ MANIFEST = "dcmflow-service.json"
 """File in each installed version folder saying how to load it again."""
 
 _SOURCE_KIND = {"folder": "folder", "python": "python", "entry_point": "entrypoint"}
+
+BUILTIN_PACKAGE = "services_registry.builtin"
+"""Package of the services that come with dcmflow (off until enabled)."""
+
+_OVERRIDE = "paramsOverride"
+"""Key, in a job record's ``extra``, of the params the user set with ``enable --param``."""
+
+Overrides = Mapping[str, Mapping[str, Any]]
+"""Params set by the user, per job name."""
+
+
+def is_builtin(spec: ServiceSpec) -> bool:
+    """Whether ``spec`` is one of dcmflow's own services (:mod:`services_registry.builtin`)."""
+    return spec.source == "entry_point" and (spec.entry or "").startswith(BUILTIN_PACKAGE + ".")
+
+
+def _with_overrides(spec: ServiceSpec, overrides: Overrides) -> ServiceSpec:
+    """``spec`` with the user's params merged into its jobs' params, and a content hash that
+    covers them (unchanged when there are none, so plain installs keep their hash)."""
+    used = {job: dict(values) for job, values in overrides.items() if values}
+    if not used:
+        return spec
+    jobs = tuple(
+        j.model_copy(update={"params": {**(j.params or {}), **used[j.job_name]}}) if j.job_name in used else j
+        for j in spec.jobs
+    )
+    blob = json.dumps(used, sort_keys=True, separators=(",", ":"), default=str)
+    digest = hashlib.sha256(f"{spec.content_hash}\0{blob}".encode()).hexdigest()
+    return spec.model_copy(update={"jobs": jobs, "content_hash": digest})
+
+
+def _recorded_overrides(record: ServicePublic) -> dict[str, dict[str, Any]]:
+    return {j.job_name: dict(j.extra[_OVERRIDE]) for j in record.jobs if j.extra.get(_OVERRIDE)}
 
 
 class InstallResult(BaseModel):
@@ -151,10 +194,12 @@ def _load_version(folder: Path, name: str, version: int) -> ServiceSpec:
     return spec.model_copy(update={"version": str(version)})
 
 
-def _job_record(job: JobSpec) -> Any:
+def _job_record(job: JobSpec, override: Mapping[str, Any] | None = None) -> Any:
     from storage.models import ServiceJobBase
 
     extra = dict(job.extra)
+    if override:
+        extra[_OVERRIDE] = dict(override)
     if float(job.sort_position) != int(job.sort_position):
         extra["sortPosition"] = job.sort_position  # the column is an integer; keep the exact value
     return ServiceJobBase(
@@ -210,12 +255,13 @@ def ensure_local(record: ServicePublic, services_dir: Path, store: ObjectStore) 
 
 def _entry_point_spec(record: ServicePublic, found: dict[str, ServiceSpec]) -> ServiceSpec:
     """The recorded entry-point service, as the installed distribution gives it now."""
-    spec = found.get(record.name)
-    if spec is None:
+    code = found.get(record.name)
+    if code is None:
         raise InstallError(
             f"service {record.name!r} was registered from an entry point, but no installed distribution "
             f"advertises it now; install the distribution again or run `dcmflow services remove {record.name}`"
         )
+    spec = _with_overrides(code, _recorded_overrides(record))
     if spec.content_hash != record.content_hash:
         raise InstallError(
             f"service {record.name!r}: the installed distribution ({spec.origin}) differs from recorded "
@@ -276,7 +322,8 @@ def installed_version(
 def install_entry_points(
     *, services_dir: Path, repository: Repository, store: ObjectStore, path: Sequence[str] | None = None
 ) -> list[InstallResult]:
-    """Record every service advertised under ``dcmflow.services`` by installed distributions.
+    """Record every service advertised under ``dcmflow.services`` by installed distributions,
+    except dcmflow's built-in ones (off until :func:`enable_service`).
 
     Nothing is copied to ``services_dir``: an installed distribution is importable by name in
     every process of this environment, and that is how callbacks and workers are found. The
@@ -304,39 +351,174 @@ def install_entry_points(
     InstallError
         Recording or uploading failed.
     """
-    specs = load_entry_points(path)
+    specs = [s for s in load_entry_points(path) if not is_builtin(s)]
     if not specs:
         return []
     names = {s.name for s in specs}
     history = repository.list_services(include_inactive=True)
     for spec in specs:
-        kinds = {r.source_kind for r in history if r.name == spec.name}
-        if kinds - {_SOURCE_KIND["entry_point"]}:
-            raise ServiceValidationError(
-                spec.origin, None, f"service name {spec.name!r} is installed from files already; remove it first"
-            )
+        _refuse_files_service(spec, history)
     others = installed_specs(repository, services_dir, store, skip=names)
     validate_services(specs, installed=others)
     for spec in specs:
         check_service(spec, installed=others + [s for s in specs if s.name != spec.name])
-    results = []
     try:
-        for spec in specs:
-            versions = [r for r in history if r.name == spec.name]
-            newest = max(versions, key=lambda r: r.version) if versions else None
-            if newest is not None and newest.content_hash == spec.content_hash:
-                record = _register(repository, spec, None, newest.bundle_key)
-                results.append(_result(spec, record, changed=False))
-                continue
-            version = (newest.version + 1) if newest else 1
-            key = _bundle_entry_point(spec, version, store)
-            record = _register(repository, spec, None, key)
-            if record.version != version:
-                raise InstallError(f"service {spec.name!r}: another install recorded version {record.version} meanwhile")
-            results.append(_result(spec, record, changed=True))
+        return [_record_entry_point(spec, history, repository, store) for spec in specs]
     except (OSError, StorageError) as exc:
         raise InstallError(f"cannot record entry-point services: {type(exc).__name__}: {exc}") from None
-    return results
+
+
+def _refuse_files_service(spec: ServiceSpec, history: Sequence[ServicePublic]) -> None:
+    kinds = {r.source_kind for r in history if r.name == spec.name}
+    if kinds - {_SOURCE_KIND["entry_point"]}:
+        raise ServiceValidationError(
+            spec.origin, None, f"service name {spec.name!r} is installed from files already; remove it first"
+        )
+
+
+def _carried_overrides(code: ServiceSpec, newest: ServicePublic | None, new: Overrides) -> dict[str, dict[str, Any]]:
+    """The newest version's user params that ``code`` still has, updated with ``new``."""
+    params = {j.job_name: (j.params or {}) for j in code.jobs}
+    old = _recorded_overrides(newest) if newest is not None else {}
+    merged: dict[str, dict[str, Any]] = {}
+    for job, values in [*old.items(), *new.items()]:
+        if job in params:
+            merged.setdefault(job, {}).update({k: v for k, v in values.items() if k in params[job]})
+    return merged
+
+
+def _record_entry_point(
+    code: ServiceSpec,
+    history: Sequence[ServicePublic],
+    repository: Repository,
+    store: ObjectStore,
+    new: Overrides | None = None,
+) -> InstallResult:
+    """Record ``code`` (with the user's params kept from the newest version, plus ``new``)."""
+    versions = [r for r in history if r.name == code.name]
+    newest = max(versions, key=lambda r: r.version) if versions else None
+    overrides = _carried_overrides(code, newest, new or {})
+    spec = _with_overrides(code, overrides)
+    if newest is not None and newest.content_hash == spec.content_hash:
+        record = _register(repository, spec, None, newest.bundle_key, overrides)
+        return _result(spec, record, changed=False)
+    version = (newest.version + 1) if newest else 1
+    key = _bundle_entry_point(spec, version, store)
+    record = _register(repository, spec, None, key, overrides)
+    if record.version != version:
+        raise InstallError(f"service {spec.name!r}: another install recorded version {record.version} meanwhile")
+    return _result(spec, record, changed=True)
+
+
+def available_services() -> list[ServiceSpec]:
+    """Every service advertised under ``dcmflow.services`` here, built-in ones included."""
+    return load_entry_points()
+
+
+def _params_by_job(code: ServiceSpec, params: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """``params`` set on every job of ``code`` that declares them; an unknown name is an error."""
+    by_job: dict[str, dict[str, Any]] = {}
+    for key, value in params.items():
+        jobs = [j.job_name for j in code.jobs if j.params and key in j.params]
+        if not jobs:
+            known = sorted({k for j in code.jobs for k in (j.params or {})})
+            raise ServiceValidationError(
+                f"service {code.name!r}", f"param {key!r}", f"no such param; it has: {', '.join(known) or 'none'}"
+            )
+        for job in jobs:
+            by_job.setdefault(job, {})[key] = value
+    return by_job
+
+
+def enable_service(
+    name: str,
+    *,
+    params: Mapping[str, Any] | None = None,
+    services_dir: Path,
+    repository: Repository,
+    store: ObjectStore,
+) -> InstallResult:
+    """Turn a service on: record an advertised one (built-in or third-party), or make the
+    newest recorded version of a disabled one active again.
+
+    Parameters
+    ----------
+    params
+        Values for params the service's jobs declare (entry-point services only). They are
+        kept for later versions until set again, and a change makes a new version.
+
+    Raises
+    ------
+    ServiceNotFoundError
+        Nothing advertised or recorded by that name.
+    ServiceValidationError
+        An unknown param, a failing check, or the name belongs to a service installed from files.
+    InstallError
+        Recording or uploading failed.
+    """
+    history = repository.list_services(include_inactive=True)
+    mine = [r for r in history if r.name == name]
+    found = load_entry_points(names=[name])
+    if not found:
+        if not mine:
+            raise ServiceNotFoundError(name)
+        if params:
+            raise InstallError(f"service {name!r} is installed from files: change its params there and install it again")
+        newest = max(mine, key=lambda r: r.version)
+        record = repository.set_service_active(name, newest.version)
+        assert record is not None
+        return _result(_load_version(ensure_local(record, services_dir, store), name, record.version), record, changed=not newest.active)
+    code = found[0]
+    _refuse_files_service(code, history)
+    new = _params_by_job(code, params or {})
+    check_service(code, installed=installed_specs(repository, services_dir, store, skip={name}))
+    try:
+        return _record_entry_point(code, history, repository, store, new)
+    except (OSError, StorageError) as exc:
+        raise InstallError(f"cannot enable {name!r}: {type(exc).__name__}: {exc}") from None
+
+
+def disable_service(name: str, *, repository: Repository) -> int:
+    """Turn a service off: no version is active, so no new session plans its jobs. Records,
+    files and bundles stay (sessions that planned it still finish; ``enable`` turns it back on).
+
+    Returns
+    -------
+    int
+        Versions that were active (0 when it was off already).
+
+    Raises
+    ------
+    ServiceNotFoundError
+        Nothing recorded by that name.
+    ServiceValidationError
+        An active service depends on one of its jobs.
+    """
+    if not any(r.name == name for r in repository.list_services(include_inactive=True)):
+        raise ServiceNotFoundError(name)
+    record = repository.get_service(name)
+    if record is None:
+        return 0
+    _refuse_dependents(record, repository)
+    repository.set_service_active(name, None)
+    return 1
+
+
+def _refuse_dependents(record: ServicePublic, repository: Repository) -> None:
+    """Refuse to take ``record`` away while another active service's job depends on its jobs:
+    in the seed that dependent would silently never be scheduled again."""
+    own = {j.job_name for j in record.jobs}
+    for other in repository.list_services():
+        if other.name == record.name:
+            continue
+        for job in other.jobs:
+            needed = own.intersection(job.depends_on)
+            if needed:
+                raise ServiceValidationError(
+                    f"service {other.name!r}",
+                    f"job {job.job_name!r}.dependsOn",
+                    f"depends on {sorted(needed)[0]!r} of {record.name!r}; disable or remove {other.name!r} first",
+                )
 
 
 def _bundle_entry_point(spec: ServiceSpec, version: int, store: ObjectStore) -> str | None:
@@ -418,7 +600,9 @@ def install_service(
         raise InstallError(f"cannot install {spec.name!r}: {type(exc).__name__}: {exc}") from None
 
 
-def _register(repository: Repository, spec: ServiceSpec, path: str | None, key: str | None) -> ServicePublic:
+def _register(
+    repository: Repository, spec: ServiceSpec, path: str | None, key: str | None, overrides: Overrides | None = None
+) -> ServicePublic:
     from storage.models import ServiceBase
 
     service = ServiceBase(
@@ -429,7 +613,8 @@ def _register(repository: Repository, spec: ServiceSpec, path: str | None, key: 
         bundle_key=key,
         summary=spec.description or "",
     )
-    return repository.register_service(service, [_job_record(job) for job in spec.jobs])
+    overrides = overrides or {}
+    return repository.register_service(service, [_job_record(job, overrides.get(job.job_name)) for job in spec.jobs])
 
 
 def _result(spec: ServiceSpec, record: ServicePublic, *, changed: bool) -> InstallResult:
@@ -508,18 +693,7 @@ def remove_service(
     record = repository.get_service(name)
     if record is None:
         raise ServiceNotFoundError(name)
-    own = {j.job_name for j in record.jobs}
-    for other in repository.list_services():
-        if other.name == name:
-            continue
-        for job in other.jobs:
-            needed = own.intersection(job.depends_on)
-            if needed:
-                raise ServiceValidationError(
-                    f"service {other.name!r}",
-                    f"job {job.job_name!r}.dependsOn",
-                    f"depends on {sorted(needed)[0]!r} of {name!r}; remove {other.name!r} first",
-                )
+    _refuse_dependents(record, repository)
     if backup is not None:
         backup_service(name, backup, services_dir=services_dir, repository=repository, store=store)
     versions = repository.list_services(include_inactive=True)

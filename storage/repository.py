@@ -1389,6 +1389,17 @@ class Repository:
             found = self._services(conn, where)
         return found[0] if found else None
 
+    def set_service_active(self, name: str, version: int | None) -> m.ServicePublic | None:
+        """Make ``version`` the one active version of ``name`` (returned), or, with ``None``,
+        no version active (a disabled service: kept, but no new session plans it)."""
+        with write_transaction(self.engine) as conn:
+            active = (T_SERVICE.c.version == version) if version is not None else sa.false()
+            conn.execute(sa.update(T_SERVICE).where(T_SERVICE.c.name == name).values(active=active))
+            if version is None:
+                return None
+            found = self._services(conn, sa.and_(T_SERVICE.c.name == name, T_SERVICE.c.version == version))
+        return found[0] if found else None
+
     def remove_service(self, name: str, version: int | None = None) -> int:
         """Delete a service (every version, or one) and its job specs; returns versions removed.
 

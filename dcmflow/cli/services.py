@@ -1,4 +1,4 @@
-"""``dcmflow services``: install, remove, back up, list, show and dry-run plan services.
+"""``dcmflow services``: install, enable/disable, remove, back up, list, show and dry-run plan services.
 
 Services are dcm-processor folders (``registry/`` + ``module/``) used unchanged, or Python
 modules using :class:`services_registry.Service`. Every user mistake is one line on stderr
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     from dcmflow.settings import Settings
 
-app = typer.Typer(help="Install, inspect and dry-run processing services.", no_args_is_help=True)
+app = typer.Typer(help="Install, enable, inspect and dry-run processing services.", no_args_is_help=True)
 
 
 @contextmanager
@@ -150,28 +150,127 @@ def backup(
 
 
 @app.command("list")
-def list_services(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """List installed services (active versions)."""
+def list_services(
+    everything: bool = typer.Option(
+        False, "--all", "-a", help="Also list services that are available but off (the built-in ones until enabled) or disabled."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """List installed services (active versions); with --all, every service you could enable.
+
+    Example: ``dcmflow services list --all``, then ``dcmflow services enable preview``.
+    """
+    from services_registry.install import available_services, is_builtin
+
     settings = load_settings()
     with _errors():
         repository, _ = _storage(settings)
-        records = repository.list_services()
-    rows = [
-        {
-            "name": r.name,
-            "version": r.version,
-            "source": r.source_kind,
-            "jobs": ", ".join(j.job_name for j in r.jobs),
-            "content_hash": r.content_hash,
-            "installed_at": r.installed_at,
-            "summary": r.summary,
-        }
-        for r in records
-    ]
+        records = repository.list_services(include_inactive=everything)
+        advertised = available_services() if everything else []
+    if not everything:
+        rows = [
+            {"name": r.name, "version": r.version, "source": r.source_kind, "jobs": ", ".join(j.job_name for j in r.jobs), "summary": r.summary}
+            for r in records
+        ]
+        if as_json:
+            emit([r.model_dump(mode="json") for r in records], True)
+        else:
+            emit(rows, False, columns=["name", "version", "source", "jobs", "summary"], title="Installed services")
+        return
+    newest: dict[str, Any] = {}
+    for r in records:
+        if r.name not in newest or r.active or (not newest[r.name].active and r.version > newest[r.name].version):
+            newest[r.name] = r
+    specs = {s.name: s for s in advertised}
+    rows = []
+    for name in sorted(set(newest) | set(specs)):
+        record, spec = newest.get(name), specs.get(name)
+        state = "enabled" if record is not None and record.active else "disabled" if record is not None else "available"
+        rows.append(
+            {
+                "name": name,
+                "state": state,
+                "version": record.version if record is not None else None,
+                "source": "built-in" if spec is not None and is_builtin(spec) else (record.source_kind if record else "entrypoint"),
+                "jobs": ", ".join(j.job_name for j in (record.jobs if record is not None else spec.jobs)),  # type: ignore[union-attr]
+                "summary": (record.summary if record is not None else "") or (spec.description if spec is not None else "") or "",
+            }
+        )
+    emit(rows, as_json, columns=["name", "state", "version", "source", "jobs", "summary"], title="Services")
+
+
+def _param_values(pairs: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs: VALUE is JSON when it parses (``3``, ``true``, ``["CT"]``), a
+    string otherwise; ``KEY=@file.json`` reads the JSON from a file."""
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            fail(f"--param {pair!r}: expected KEY=VALUE")
+        if text.startswith("@"):
+            try:
+                values[key.strip()] = json.loads(Path(text[1:]).read_text())
+            except (OSError, ValueError) as exc:
+                fail(f"--param {key}: cannot read JSON from {text[1:]}: {exc}")
+            continue
+        try:
+            values[key.strip()] = json.loads(text)
+        except ValueError:
+            values[key.strip()] = text
+    return values
+
+
+@app.command()
+def enable(
+    name: str = typer.Argument(..., help="Service name, as `dcmflow services list --all` shows it."),
+    param: list[str] = typer.Option(
+        [], "--param", "-p", help="Set a param of its jobs: KEY=VALUE (JSON or text), KEY=@file.json. Repeatable."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Turn a service on: every new series is offered to its jobs from now on.
+
+    Built-in services (preview, nifti, deid, forward, qc) are off until enabled. Params you set
+    are kept until set again; a change makes a new service version.
+
+    Examples:
+
+        dcmflow services enable preview
+
+        dcmflow services enable forward -p 'rules=[{"modality": "CT", "peer": "PACS"}]'
+
+        dcmflow services enable qc -p fail_on=@qc-thresholds.json
+    """
+    from services_registry.install import enable_service
+
+    values = _param_values(param)
+    settings = load_settings()
+    with _errors():
+        repository, store = _storage(settings)
+        result = enable_service(name, params=values, services_dir=settings.services_dir, repository=repository, store=store)
+    for warning in result.warnings:
+        info(f"warning: {warning}")
     if as_json:
-        emit([r.model_dump(mode="json") for r in records], True)
-    else:
-        emit(rows, False, columns=["name", "version", "source", "jobs", "summary"], title="Installed services")
+        emit_one(result, True)
+        return
+    new = " (a new version)" if result.changed else ""
+    info(f"{result.name} enabled: version {result.version}{new}, jobs {', '.join(result.jobs)}")
+
+
+@app.command()
+def disable(name: str = typer.Argument(..., help="Enabled service name.")) -> None:
+    """Turn a service off: new series no longer run its jobs (records and files are kept;
+    `dcmflow services enable NAME` turns it back on with the same params).
+
+    Example: ``dcmflow services disable preview``
+    """
+    from services_registry.install import disable_service
+
+    settings = load_settings()
+    with _errors():
+        repository, _ = _storage(settings)
+        count = disable_service(name, repository=repository)
+    info(f"{name} disabled" if count else f"{name} was disabled already")
 
 
 @app.command()

@@ -184,3 +184,51 @@ def test_plan_uses_bundles_when_files_are_missing(home: Path, dicom_dir: Path) -
     result = invoke("plan", "--dir", dicom_dir, "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)[0]["order"] == ["series-summary", "series-summary-markdown"]
+
+
+# --------------------------------------------------------------------------- built-in services
+
+
+def _listed(*args: str) -> dict[str, dict]:  # type: ignore[type-arg]
+    result = invoke("list", "--all", "--json", *args)
+    assert result.exit_code == 0, result.output
+    return {row["name"]: row for row in json.loads(result.stdout)}
+
+
+def test_built_in_services_are_listed_but_off_until_enabled(home: Path) -> None:
+    listed = _listed()
+    assert listed["forward"]["state"] == "available" and listed["forward"]["source"] == "built-in"
+    assert json.loads(invoke("list", "--json").stdout) == []  # nothing runs until enabled
+    # recording the installed distributions' services leaves dcmflow's own ones off
+    assert "forward" not in {r["name"] for r in json.loads(invoke("install", "--entry-points", "--json").stdout or "[]")}
+    assert _listed()["forward"]["state"] == "available"
+
+
+def test_enable_with_params_then_disable_and_enable_again_keeps_them(home: Path) -> None:
+    rules = [{"peer": "pacs", "modality": "CT"}]
+    result = invoke("enable", "forward", "--param", f"rules={json.dumps(rules)}", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["version"] == 1
+    shown = json.loads(invoke("show", "forward", "--json").stdout)
+    assert shown["jobs"][0]["params"] == {"rules": rules}
+
+    assert invoke("disable", "forward").exit_code == 0
+    assert _listed()["forward"]["state"] == "disabled"
+    assert json.loads(invoke("list", "--json").stdout) == []
+    again = invoke("enable", "forward", "--json")  # no --param: the rules set before stay
+    assert json.loads(again.stdout)["version"] == 1 and json.loads(again.stdout)["changed"] is False
+    assert json.loads(invoke("show", "forward", "--json").stdout)["jobs"][0]["params"] == {"rules": rules}
+
+    rules_file = home / "rules.json"
+    rules_file.write_text(json.dumps([{"peer": "archive"}]))
+    newer = invoke("enable", "forward", "-p", f"rules=@{rules_file}", "--json")
+    assert json.loads(newer.stdout)["version"] == 2  # new params, new version
+    assert json.loads(invoke("show", "forward", "--json").stdout)["jobs"][0]["params"] == {"rules": [{"peer": "archive"}]}
+
+
+def test_enable_mistakes_are_one_line(home: Path) -> None:
+    assert "no such param; it has: rules" in one_line_error(invoke("enable", "forward", "-p", "rulez=[]"))
+    assert "expected KEY=VALUE" in one_line_error(invoke("enable", "forward", "-p", "rules"))
+    assert "nosuch" in one_line_error(invoke("enable", "nosuch"))
+    assert "nosuch" in one_line_error(invoke("disable", "nosuch"))
+    assert json.loads(invoke("list", "--json").stdout) == []  # nothing was recorded by a mistake

@@ -117,7 +117,7 @@ def test_backup_and_remove(env, tmp_path: Path, make_service) -> None:  # type: 
     dependent = make_service("dep", [{"jobName": "after", "worker": "d.w", "callback": "d.cb", "dependsOn": "series-summary"}],
                              {"d/__init__.py": "def cb(**kw):\n    return True\n"}, {"d/__init__.py": "def w(**kw):\n    pass\n"})
     install(env, dependent)
-    with pytest.raises(ServiceValidationError, match="depends on 'series-summary' of 'series-summary'; remove 'dep' first"):
+    with pytest.raises(ServiceValidationError, match="depends on 'series-summary' of 'series-summary'; disable or remove 'dep' first"):
         remove_service("series-summary", services_dir=services_dir, repository=repository, store=store)
     assert remove_service("dep", services_dir=services_dir, repository=repository, store=store) == 1
 
