@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from dcmflow import __version__
-from dcmflow.cli import db, demo, importer, jobs, process, receive, selfcheck, series, services, up
+from dcmflow.cli import db, demo, importer, jobs, peers, process, receive, selfcheck, series, services, up
 
 app = typer.Typer(
     name="dcmflow",
@@ -33,6 +33,7 @@ app.command(name="demo")(demo.demo)
 app.command(name="receive")(receive.receive)
 app.add_typer(db.app, name="db")
 app.add_typer(services.app, name="services")
+app.add_typer(peers.app, name="peers")
 app.add_typer(series.app, name="series")
 app.command(name="import")(importer.import_command)
 app.command(name="process")(process.process)
