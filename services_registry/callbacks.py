@@ -167,7 +167,8 @@ def evaluate_callbacks(
             added[job.job_name] = params
             passed.append((service, job))
         else:
-            reject(service, job, "callback_false", f"callback returned {value!r}")
+            why = params.get("reason") if isinstance(params.get("reason"), str) else None
+            reject(service, job, "callback_false", f"callback returned {value!r}" + (f": {why}" if why else ""))
 
     accepted = _accept_by_dependencies(passed)
     accepted_names = {job.job_name for _, job in accepted}

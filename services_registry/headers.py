@@ -1,8 +1,9 @@
 """The headers given to callbacks and workers (DESIGN.md "Headers").
 
 The representative instance of a series as a flat dict of DICOM keywords, JSON-ready, without
-bulk data, plus ``dcmpath`` (series folder relative to ``$DATA``), ``seriesId``, ``studyId``
-and ``patientId``. It mirrors what the seed's services read: Orthanc's *simplified tags*
+bulk data, plus ``dcmpath`` (series folder relative to ``$DATA``), ``seriesId``, ``studyId``,
+``patientId`` and ``callingAE`` (the AE title that sent the series, ``""`` when imported or
+unknown: routing rules need it, and the seed's Orthanc gave it as ``RemoteAET``). It mirrors what the seed's services read: Orthanc's *simplified tags*
 (keyword → value, sequences as lists of such dicts) of the first instance (reference §2.1).
 ``seriesId``/``studyId`` are DICOM UIDs here, not Orthanc ids.
 """
@@ -62,7 +63,7 @@ def dataset_to_json(ds: Dataset, depth: int = 0) -> dict[str, Any]:
     return out
 
 
-def headers_from_dataset(ds: Dataset, *, dcmpath: str) -> dict[str, Any]:
+def headers_from_dataset(ds: Dataset, *, dcmpath: str, calling_ae: str = "") -> dict[str, Any]:
     """Headers of a series from its representative instance.
 
     Parameters
@@ -71,6 +72,8 @@ def headers_from_dataset(ds: Dataset, *, dcmpath: str) -> dict[str, Any]:
         The representative instance (read with ``stop_before_pixels=True``).
     dcmpath
         The series folder relative to ``$DATA``, as workers expect it.
+    calling_ae
+        The AE title of the association that sent the series (``""`` if unknown).
     """
     headers = dataset_to_json(ds)
     meta = getattr(ds, "file_meta", None)
@@ -81,6 +84,7 @@ def headers_from_dataset(ds: Dataset, *, dcmpath: str) -> dict[str, Any]:
     headers["seriesId"] = str(ds.get("SeriesInstanceUID", ""))
     headers["studyId"] = str(ds.get("StudyInstanceUID", ""))
     headers["patientId"] = str(ds.get("PatientID", ""))
+    headers["callingAE"] = calling_ae
     return headers
 
 

@@ -184,7 +184,7 @@ def load_series_target(repository: Repository, store: ObjectStore, series_uid: s
     if not instances:
         raise SeriesNotFoundError(f"series {series_uid} has no stored instances")
     ds = _representative_header(store, series.study_uid, series_uid, instances[0])
-    headers = headers_from_dataset(ds, dcmpath=default_dcmpath(series.study_uid, series_uid))
+    headers = headers_from_dataset(ds, dcmpath=default_dcmpath(series.study_uid, series_uid), calling_ae=series.calling_ae)
     return Target(
         level="series",
         study_uid=series.study_uid,

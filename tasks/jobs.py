@@ -37,6 +37,7 @@ from storage.errors import StorageError
 from storage.models import InstancePublic, JobState, SessionState
 
 from tasks._storage import RuntimeSettings, repository_of, store_of, work_dirs
+from tasks.artifacts import job_artifact_key, job_artifacts
 from tasks.context import (
     EarlierRun,
     PlannedJob,
@@ -408,7 +409,8 @@ def send_outputs(settings: RuntimeSettings, run: SessionRun, job_name: str, requ
 
 @task(name="publish-artifacts", cache_policy=NO_CACHE)
 def publish_artifacts(settings: RuntimeSettings, run: SessionRun, planned: PlannedRun, target: Target) -> dict[str, str]:
-    """The job table (key ``jobs-series-<uid>``) and a markdown DAG with outputs, on the flow run."""
+    """The job table (key ``jobs-series-<uid>``), a markdown DAG with outputs, and what each job
+    asked to show (:mod:`tasks.artifacts`, key ``<job>-series-<uid>``), on the flow run."""
     repository = repository_of(settings)
     jobs = repository.list_jobs(session_id=run.session_id)
     dispatched = {j.job_name: repository.get_session_data(run.session_id, "dispatch", job_name=j.job_name) for j in jobs}
@@ -448,7 +450,12 @@ def publish_artifacts(settings: RuntimeSettings, run: SessionRun, planned: Plann
     lines += [f"- `{f.job_name}`: `{f.name}` ({f.size} bytes) → object `{f.object_key}`" for f in files] or ["none"]
     dag_key = key.replace("jobs-", "dag-", 1)
     create_markdown_artifact("\n".join(lines) + "\n", key=dag_key, description=f"DAG and outputs of {target.level} {uid}")
-    return {"table": key, "markdown": dag_key}
+    published = {"table": key, "markdown": dag_key}
+    for shown in job_artifacts(repository, store_of(settings), run.session_id, jobs):
+        job_key = job_artifact_key(shown.job_name, target.level, uid)
+        create_markdown_artifact(shown.markdown, key=job_key, description=shown.description)
+        published[f"job:{shown.job_name}"] = job_key
+    return published
 
 
 @task(name="finish-session", cache_policy=NO_CACHE)
