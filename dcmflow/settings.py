@@ -123,6 +123,12 @@ class Settings(BaseSettings):
     tls_ca: Path | None = Field(
         None, description="PEM CA bundle that peers' TLS certificates are verified with (default: the system's)."
     )
+    deid_key: SecretStr | None = Field(
+        None,
+        description="Key of the built-in deid service's UID hashing (HMAC-SHA256): the same key maps the same UID "
+        "to the same new one on every run and machine. Its job reads it from the environment; keep it secret and "
+        "the same on every worker.",
+    )
     study_webhook_url: SecretStr | None = Field(
         None,
         description="http(s) URL the study card of every new study is POSTed to as JSON by the study-received "
