@@ -14,9 +14,7 @@ reason, never failed. A series dcm2niix cannot read fails with dcm2niix's own er
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -135,16 +133,15 @@ def _written(folder: Path, name: str) -> list[Path]:
 
 
 def _run(folder: Path, out: Path, name: str) -> subprocess.CompletedProcess[str]:
-    """dcm2niix on the series folder; after the timeout its process group (with pigz) is killed."""
+    """dcm2niix on the series folder, killed after :data:`DCM2NIIX_TIMEOUT`.
+
+    It stays in the job's process group, so the job's own timeout or cancellation kills it too.
+    """
     args = [dcm2niix.bin, "-z", "y", "-b", "y", "-ba", "y", "-w", "1", "-f", name, "-o", str(out), str(folder)]
-    with subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True) as process:
-        try:
-            stdout, stderr = process.communicate(timeout=DCM2NIIX_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
-            raise RuntimeError(f"dcm2niix did not finish within {DCM2NIIX_TIMEOUT:g} s on {folder.name}") from None
-    return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=DCM2NIIX_TIMEOUT, check=False)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"dcm2niix did not finish within {DCM2NIIX_TIMEOUT:g} s on {folder.name}") from None
 
 
 def _problems(completed: subprocess.CompletedProcess[str]) -> str:
