@@ -30,7 +30,7 @@ from storage.keys import validate_name
 
 from tasks.errors import EnvironmentBuildError
 
-__all__ = ["REQUIREMENTS", "READY_MARKER", "service_python"]
+__all__ = ["REQUIREMENTS", "READY_MARKER", "service_python", "venv_dir"]
 
 REQUIREMENTS = "requirements.txt"
 """File in a service's ``module/`` folder that asks for its own environment."""
@@ -65,11 +65,11 @@ def service_python(module_dir: Path | None, venvs_dir: Path, service: str, versi
     EnvironmentBuildError
         ``venv`` or ``pip install`` failed (the message carries pip's last line).
     """
-    requirements = module_dir / REQUIREMENTS if module_dir is not None else None
-    if requirements is None or not requirements.is_file():
+    venv = venv_dir(module_dir, venvs_dir, service, version)
+    if venv is None:
         return sys.executable
-    digest = hashlib.sha256(requirements.read_bytes()).hexdigest()[:12]
-    venv = venvs_dir / validate_name(service, "service name") / f"{version or 0}-{digest}"
+    assert module_dir is not None
+    requirements = module_dir / REQUIREMENTS
     if (venv / READY_MARKER).is_file():
         return str(_python_of(venv))
     venv.parent.mkdir(parents=True, exist_ok=True)
@@ -80,6 +80,18 @@ def service_python(module_dir: Path | None, venvs_dir: Path, service: str, versi
         shutil.rmtree(venv, ignore_errors=True)
         _build(venv, requirements)
     return str(_python_of(venv))
+
+
+def venv_dir(module_dir: Path | None, venvs_dir: Path, service: str, version: str | int | None) -> Path | None:
+    """Where the venv of this service version lives (built or not), or ``None`` when it needs none.
+
+    ``dcmflow doctor`` asks this to tell whether a service's environment is built yet.
+    """
+    requirements = module_dir / REQUIREMENTS if module_dir is not None else None
+    if requirements is None or not requirements.is_file():
+        return None
+    digest = hashlib.sha256(requirements.read_bytes()).hexdigest()[:12]
+    return venvs_dir / validate_name(service, "service name") / f"{version or 0}-{digest}"
 
 
 def _run(command: list[str], what: str) -> None:

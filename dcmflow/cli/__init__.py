@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from dcmflow import __version__
-from dcmflow.cli import db, demo, importer, jobs, peers, process, receive, selfcheck, series, services, up
+from dcmflow.cli import db, demo, doctor, importer, jobs, peers, process, receive, selfcheck, series, services, up
 
 app = typer.Typer(
     name="dcmflow",
@@ -40,6 +40,7 @@ app.command(name="process")(process.process)
 app.command(name="reprocess")(process.reprocess)
 app.add_typer(jobs.app, name="jobs")
 app.command(name="selfcheck")(selfcheck.selfcheck)
+app.command(name="doctor")(doctor.doctor)
 
 
 @app.command()

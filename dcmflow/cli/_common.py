@@ -14,7 +14,17 @@ from dcmflow.settings import Settings
 if TYPE_CHECKING:
     from storage.repository import Repository
 
-__all__ = ["load_settings", "open_repository"]
+__all__ = ["load_settings", "settings_problems", "open_repository"]
+
+
+def settings_problems(exc: ValidationError) -> str:
+    """What is wrong with the ``DCMFLOW_*`` variables, in one line naming each variable."""
+    return "; ".join(
+        f"DCMFLOW_{str(err['loc'][0]).upper()}: {err['msg']}"
+        if err.get("loc")
+        else str(err["msg"]).removeprefix("Value error, ")  # a rule across variables names them itself
+        for err in exc.errors()
+    )
 
 
 def load_settings() -> Settings:
@@ -22,13 +32,7 @@ def load_settings() -> Settings:
     try:
         return Settings()
     except ValidationError as exc:
-        problems = "; ".join(
-            f"DCMFLOW_{str(err['loc'][0]).upper()}: {err['msg']}"
-            if err.get("loc")
-            else str(err["msg"]).removeprefix("Value error, ")  # a rule across variables names them itself
-            for err in exc.errors()
-        )
-        fail(f"bad configuration: {problems}")
+        fail(f"bad configuration: {settings_problems(exc)}")
 
 
 def open_repository(settings: Settings) -> Repository:
