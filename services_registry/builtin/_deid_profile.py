@@ -182,12 +182,12 @@ class Deidentifier:
             del ds[elem.tag]
             self.counts["removed"] += 1
             return
-        if code is not None and "Z" in code.split("/"):
+        if code is not None and code != "X/Z/U*" and "Z" in code.split("/"):
             if elem.value:
                 self.counts["emptied"] += 1
             elem.value = Sequence()
             return
-        for item in elem.value:
+        for item in elem.value:  # kept (no action, or U*: its instance UIDs hashed) or D
             self._dataset(item)
             if code is not None and code != "X/Z/U*":  # D, X/D: every value left becomes a dummy
                 self._dummy(item)
