@@ -127,10 +127,11 @@ class InstanceStore:
 
     Everything this receiver does for a C-STORE-RQ: created when the request's command set is
     known, it validates the Affected SOP Instance UID and opens a spool entry with the file
-    meta (:func:`receiver.p10.file_meta`); :meth:`add` writes each data-set fragment as it
+    meta (:func:`receiver.p10.file_meta`); :meth:`add` collects each data-set fragment as it
     arrives; :meth:`finish` checks the identifying UIDs (:func:`check_dataset`, on the first
-    :data:`HEADER_PREFIX` bytes, re-reading the file in the rare case that is not enough),
-    then commits the entry durably or drops it, and gives the status to answer. Nothing is
+    :data:`HEADER_PREFIX` bytes, re-reading the data set in the rare case that is not enough),
+    then appends it to the spool's log durably (group commit) or drops it, and gives the
+    status to answer: a data set that fails a check or ends early never becomes a record. Nothing is
     decoded or hashed here. It never raises.
 
     Parameters
@@ -184,14 +185,14 @@ class InstanceStore:
             )
             self._writer.write(meta)
             self._meta_size = len(meta)
-        except SpoolFullError as exc:
-            tracker.note_refused(assoc, str(exc))
-            self.status = status.OUT_OF_RESOURCES
         except Exception as exc:  # noqa: BLE001 - never raise: the sender must get an answer
             self._fail(exc)
 
     def _fail(self, exc: BaseException) -> None:
-        if isinstance(exc, OSError):
+        if isinstance(exc, SpoolFullError):
+            self._tracker.note_refused(self._assoc, str(exc))
+            self.status = status.OUT_OF_RESOURCES
+        elif isinstance(exc, OSError):
             log.error("store from %s: spool write failed (0xA700): %s", self._label, exc)
             self.status = status.OUT_OF_RESOURCES
         else:

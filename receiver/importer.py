@@ -258,7 +258,6 @@ class Importer:
         except OSError as exc:
             return Skipped(path, f"cannot read: {exc.strerror or exc}")
         entry = SpoolEntry(
-            path=path,
             received_at=dt.datetime.now(dt.UTC),
             association_id=report.batch_id,
             calling_ae=self.source,

@@ -4,7 +4,8 @@ Runs in worker processes separate from the SCP (pynetdicom's association threads
 GIL, storage_perf.md §3.7/§4, so parsing and hashing there would slow every C-STORE), or
 in-process for tests (:meth:`Ingester.run_once`).
 
-For every spool file, oldest first (:meth:`receiver.spool.Spool.pending`):
+For every record of the spool's log, in order (:class:`receiver.spool.SpoolReader`; with
+several workers each takes its share, split by SOP Instance UID):
 
 1. parse the header from the bytes: :func:`receiver.header.read_header` walks the elements up
    to (0020,1209) with :mod:`struct` and gives pydicom's values; for what it does not handle
@@ -13,27 +14,29 @@ For every spool file, oldest first (:meth:`receiver.spool.Spool.pending`):
    Series Related Instances, when a sender writes it, is the series' expected instance count
    (:func:`expected_count`), which lets completeness close it before the quiet period;
 2. put the bytes under the immutable key ``instances/{study}/{series}/{sop}.dcm`` with
-   ``put_if_absent``, taking the SHA-256 from the store's single streaming pass (with the local
-   object store the spool file itself is hard-linked under the key instead: it is already
-   durable, so no second copy or data fsync, and the new names are fsynced once per folder and
-   batch). If that key holds other bytes (a re-send with different content), put
-   them under :func:`storage.keys.instance_version_key` instead; identical bytes are a no-op;
-   Puts run in a small thread pool (``store_threads``), in arrival order per SOP Instance UID;
-3. every ``batch_size`` instances or ``batch_seconds`` after the first, whichever comes first,
-   ``Repository.record_instances`` in one transaction (which decides new / duplicate / new
-   version from the hashes);
-4. only then delete the batch's spool files.
+   ``put_if_absent``, taking the SHA-256 from the store's single streaming pass. With the local
+   object store each record is written to a staging file instead; the batch's files are made
+   durable with one ``syncfs`` and then hard-linked under their keys (their names fsynced once
+   per folder). If a key holds other bytes (a re-send with different content), the bytes go
+   under :func:`storage.keys.instance_version_key` instead; identical bytes are a no-op (so a
+   replay after a crash is harmless: that, not the read mark alone, gives exactly-once records);
+3. every ``batch_size`` instances (or ``batch_bytes``), or ``batch_seconds`` after the first,
+   whichever comes first, ``Repository.record_instances`` in one transaction (which decides
+   new / duplicate / new version from the hashes);
+4. only then save the worker's durable read mark past the batch; the spool reuses segments
+   every mark has passed.
 
 If the object store or the database is unreachable (or fails in any other way but a bad key),
-nothing is deleted: the worker logs one
-line when the outage starts and one when it ends, backs off (0.25 s doubling to
-``backoff_max``) and retries the same step, so every acknowledged file is delivered once they
-return. A file that can never be ingested (it does not parse, or its UIDs are invalid) moves
-to ``spool/rejected/`` with a reason; it is never deleted.
+or does not answer for ``stall_seconds``, the mark stays where it is: the worker logs one line
+when the outage starts and one when it ends, each with the spool's backlog, backs off (0.25 s
+doubling to ``backoff_max``) and retries the same step, so every acknowledged record is
+delivered once they return. A record that can never be ingested (it does not parse, or its
+UIDs are invalid) is copied to ``spool/rejected/`` with a reason; it is never dropped.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import io
 import logging
@@ -41,7 +44,10 @@ import multiprocessing
 import multiprocessing.context
 import os
 import signal
+import sys
+import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -53,6 +59,7 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.filereader import read_partial
 
 from receiver.header import FIELD_OF_KEYWORD, LAST_TAG, HeaderValues, read_header
+from receiver.spool import start_writeback
 from storage.errors import InvalidKeyError, ObjectExistsError, StorageError
 from storage.keys import instance_key, instance_version_key
 from storage.local import LocalObjectStore
@@ -62,7 +69,7 @@ if TYPE_CHECKING:
     from storage.objects import ObjectStore
     from storage.repository import Repository
 
-    from receiver.spool import Spool, SpoolEntry
+    from receiver.spool import Spool, SpoolEntry, SpoolReader
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -91,6 +98,12 @@ DEFAULT_NICENESS = 5
 
 DEFAULT_STORE_THREADS = 8
 """Object puts in flight per ingest worker."""
+
+DEFAULT_BATCH_BYTES = 64 * 1024**2
+"""Data bytes of one batch at most (they are held in memory until the batch is recorded)."""
+
+DEFAULT_STALL_SECONDS = 10.0
+"""A store or database step that has not answered for this long is logged as an outage."""
 
 _T = TypeVar("_T")
 
@@ -131,14 +144,21 @@ class IngestOptions:
     niceness : int
         Added to the worker process's nice value (``os.nice``), so that on a busy machine the
         SCP's acknowledgement path gets the CPU first and ingest catches up in the gaps.
+    batch_bytes : int
+        Data bytes of one batch at most (held in memory until it is recorded).
+    stall_seconds : float
+        A store or database call that has not returned after this long is logged as the
+        start of an outage (a frozen endpoint raises nothing; it just does not answer).
     store_threads : int
-        Object puts in flight at once. Puts wait on fsync (local store) or the network (S3),
+        Object puts in flight at once (object stores other than the local one). Puts wait on fsync (local store) or the network (S3),
         not on the CPU, so overlapping them lets the file system merge their journal commits
         (or the S3 endpoint serve them in parallel) while parsing continues.
     """
 
     batch_size: int = DEFAULT_BATCH_SIZE
     batch_seconds: float = DEFAULT_BATCH_SECONDS
+    batch_bytes: int = DEFAULT_BATCH_BYTES
+    stall_seconds: float = DEFAULT_STALL_SECONDS
     poll_seconds: float = 0.02
     backoff_max: float = 10.0
     store_threads: int = DEFAULT_STORE_THREADS
@@ -362,8 +382,65 @@ class _Stopped(Exception):
     """Raised inside a retry loop when the worker was asked to stop."""
 
 
+def _load_syncfs() -> Callable[[int], int] | None:
+    # os has no syncfs(2); libc has, on Linux.
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int]
+    function.restype = ctypes.c_int
+    return function  # type: ignore[no-any-return]
+
+
+_syncfs = _load_syncfs()
+
+
+def sync_files(folder: Path, paths: Sequence[Path]) -> None:
+    """Make the data of ``paths`` (all in ``folder``'s file system) durable.
+
+    One ``syncfs`` of the file system where Linux has it (one journal commit for a whole
+    batch); otherwise an ``fsync`` per file.
+
+    Raises
+    ------
+    OSError
+        If the disk fails.
+    """
+    if not paths:
+        return
+    if _syncfs is not None:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if _syncfs(fd) != 0:
+                error = ctypes.get_errno()
+                raise OSError(error, os.strerror(error))
+        finally:
+            os.close(fd)
+        return
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@dataclass
+class _Pending:
+    """One record of the batch being ingested."""
+
+    entry: SpoolEntry
+    raw: bytes
+    item: InstanceIn
+    stage: Path | None = None
+    future: Future[InstanceIn] | None = None
+
+
 class Ingester:
-    """One ingest worker: spool → object store → records (see the module docstring).
+    """One ingest worker: spool log → object store → records (see the module docstring).
 
     Parameters
     ----------
@@ -374,12 +451,12 @@ class Ingester:
     repository : Repository
         Where instances are recorded.
     worker_index, worker_count : int
-        This worker's share of the spool (files are split by SOP Instance UID).
+        This worker's share of the log (records are split by SOP Instance UID).
     options : IngestOptions
         Batch sizes and timings.
     should_stop : callable, optional
         Polled between steps; when it returns True the worker stops after the current batch
-        (and immediately during an outage, leaving the files in the spool).
+        (and immediately during an outage, leaving the records in the spool).
     """
 
     def __init__(
@@ -401,13 +478,75 @@ class Ingester:
         self.options = options
         self._should_stop = should_stop or (lambda: False)
         self._outage: str | None = None
+        self._outage_since = 0.0
+        self._outage_lock = threading.Lock()
+        self._active: dict[int, tuple[str, float]] = {}
+        self._watch: threading.Thread | None = None
+        self._watch_stop = threading.Event()
         self._pool: ThreadPoolExecutor | None = None
+        self._reader: SpoolReader | None = None
         self.reports: list[BatchReport] = []
+
+    # -- outages ------------------------------------------------------------------------------
+
+    def _backlog(self) -> str:
+        if self.spool is None:
+            return ""
+        try:
+            count, size = self.spool.depth()
+        except OSError:
+            return ""
+        return f"; backlog {count} instance{'s' if count != 1 else ''} ({size / 1e6:.1f} MB) in the spool"
+
+    def _outage_started(self, what: str, reason: str, since: float) -> None:
+        with self._outage_lock:
+            if self._outage is not None:
+                return
+            self._outage, self._outage_since = what, since
+        log.error(
+            "ingest[%d]: %s unavailable (%s)%s; keeping it and retrying",
+            self.worker_index,
+            what,
+            reason,
+            self._backlog(),
+        )
+
+    def _outage_ended(self) -> None:
+        with self._outage_lock:
+            what, self._outage = self._outage, None
+        if what is not None:
+            log.warning(
+                "ingest[%d]: %s works again after %.1f s%s; resuming",
+                self.worker_index,
+                what,
+                time.monotonic() - self._outage_since,
+                self._backlog(),
+            )
+
+    def _watch_stalls(self) -> None:
+        """Watchdog thread: a store or database that hangs (no error, no answer) is an outage too."""
+        while not self._watch_stop.wait(0.25):
+            active = list(self._active.values())
+            if not active:
+                continue
+            what, since = min(active, key=lambda a: a[1])
+            waited = time.monotonic() - since
+            if waited >= self.options.stall_seconds:
+                self._outage_started(what, f"no answer for {waited:.0f} s", since)
+
+    def _start_watch(self) -> None:
+        if self._watch is None:
+            self._watch_stop.clear()
+            self._watch = threading.Thread(target=self._watch_stalls, name="ingest-watch", daemon=True)
+            self._watch.start()
 
     # -- retries ------------------------------------------------------------------------------
 
     def retry(self, what: str, fn: Callable[[], _T]) -> _T:
         """Run ``fn`` until it succeeds, backing off while the store or database is down.
+
+        An outage is logged once when it starts (an error, or no answer for
+        ``options.stall_seconds``) and once when it ends, each with the spool's backlog.
 
         Parameters
         ----------
@@ -415,7 +554,7 @@ class Ingester:
             What ``fn`` uses (``"object store"``, ``"database"``), for the outage log lines.
         fn : callable
             The step; a storage failure or database outage makes it run again after a
-            back-off (up to ``options.backoff_max``), logged once per outage.
+            back-off (up to ``options.backoff_max``).
 
         Returns
         -------
@@ -430,39 +569,31 @@ class Ingester:
             ``should_stop`` turns True during an outage.
         """
         delay = 0.25
+        me = threading.get_ident()
         while True:
+            self._active[me] = (what, time.monotonic())
             try:
                 result = fn()
             except InvalidKeyError:
                 raise
             except (StorageError, OSError) as exc:
                 # Unavailable stores and refused transactions, but also any other storage
-                # failure: waiting loudly with the files kept beats crashing or dropping them.
-                self._outage_started(what, exc)
+                # failure: waiting loudly with the records kept beats crashing or dropping them.
+                self._outage_started(what, _reason(exc), time.monotonic())
             except Exception as exc:
                 if not _is_db_outage(exc):
                     raise
-                self._outage_started(what, exc)
+                self._outage_started(what, _reason(exc), time.monotonic())
             else:
                 if self._outage is not None:
-                    log.warning("ingest[%d]: %s works again; resuming", self.worker_index, self._outage)
-                    self._outage = None
+                    self._outage_ended()
                 return result
+            finally:
+                self._active.pop(me, None)
             if self._should_stop():
                 raise _Stopped
             time.sleep(delay)
             delay = min(delay * 2, self.options.backoff_max)
-
-    def _outage_started(self, what: str, exc: BaseException) -> None:
-        if self._outage is None:
-            self._outage = what
-            log.error(
-                "ingest[%d]: %s unavailable, keeping files in the spool and retrying: %s: %s",
-                self.worker_index,
-                what,
-                type(exc).__name__,
-                str(exc).splitlines()[0] if str(exc) else "",
-            )
 
     # -- one instance -------------------------------------------------------------------------
 
@@ -478,35 +609,59 @@ class Ingester:
         """Record one batch (``Repository.record_instances``), waiting out database outages."""
         return self.retry("database", partial(self.repository.record_instances, items))
 
-    def _parse(self, entry: SpoolEntry) -> tuple[InstanceIn, bytes] | None:
-        """Read and parse one spool file; ``None`` if it is gone or was rejected."""
-        try:
-            raw = entry.path.read_bytes()
-        except FileNotFoundError:
-            return None  # taken care of by an earlier run (deleted after recording)
+    def _parse(self, entry: SpoolEntry, raw: bytes) -> InstanceIn | None:
+        """Parse one record; ``None`` if it was rejected (kept in ``rejected/``)."""
         try:
             item, _sha = read_instance(raw, entry, hash_bytes=False)
         except InvalidKeyError as exc:
-            self.spool.reject(entry, f"invalid UID: {exc}")
+            self.retry("spool", partial(self.spool.reject, entry, raw, f"invalid UID: {exc}"))
             return None
         except Exception as exc:
-            self.spool.reject(entry, f"does not parse: {type(exc).__name__}: {exc}")
+            self.retry("spool", partial(self.spool.reject, entry, raw, f"does not parse: {type(exc).__name__}: {exc}"))
             return None
-        return item, raw
+        return item
 
-    def _submit_store(self, raw: bytes, item: InstanceIn, spool_file: Path) -> Future[InstanceIn]:
+    def _stage(self, raw: bytes) -> Path:
+        """Write ``raw`` to a staging file (made durable per batch, then hard-linked as the object)."""
+        path = self.spool.stage_dir / f"{self.worker_index}-{uuid.uuid4().hex}.dcm"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            view = memoryview(raw)
+            while view:
+                view = view[os.write(fd, view) :]
+            start_writeback(fd, 0, len(raw))
+        finally:
+            os.close(fd)
+        return path
+
+    def _clear_stage(self) -> None:
+        """Delete staging files a killed worker of this index left (their objects were never recorded)."""
+        prefix = f"{self.worker_index}-"
+        for path in self.spool.stage_dir.glob(f"{prefix}*.dcm"):
+            path.unlink(missing_ok=True)
+
+    def _submit_store(self, raw: bytes, item: InstanceIn) -> Future[InstanceIn]:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.options.store_threads, thread_name_prefix="ingest-put")
-        # Names made durable per batch, one fsync per folder (run_once → LocalObjectStore.sync_names).
-        return self._pool.submit(partial(self.store_with_retry, raw, item, spool_file=spool_file, sync=False))
+        return self._pool.submit(partial(self.store_with_retry, raw, item))
 
     def close(self) -> None:
-        """Stop the put threads (the Ingester can still be used; they restart on demand)."""
+        """Stop the put threads and the watchdog (the Ingester can still be used; they restart)."""
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        if self._watch is not None:
+            self._watch_stop.set()
+            self._watch.join()
+            self._watch = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
 
     # -- batches ------------------------------------------------------------------------------
+
+    def _local(self) -> bool:
+        return isinstance(self.store, LocalObjectStore)
 
     def run_once(self, *, wait: bool = False) -> BatchReport | None:
         """Ingest one batch of what is waiting; ``None`` when there was nothing.
@@ -514,60 +669,62 @@ class Ingester:
         Parameters
         ----------
         wait : bool
-            Keep collecting for up to ``batch_seconds`` after the first file (the background
+            Keep collecting for up to ``batch_seconds`` after the first record (the background
             loop does this); ``False`` takes only what is there now.
         """
         opts = self.options
-        entries: list[SpoolEntry] = []
-        stores: list[Future[InstanceIn]] = []
+        self._start_watch()
+        if self._reader is None:
+            self._clear_stage()
+            self._reader = self.spool.reader(self.worker_index, self.worker_count)
+        reader = self._reader
+        local = self._local()
+        batch: list[_Pending] = []
         by_sop: dict[str, Future[InstanceIn]] = {}
-        size = 0
-        rejected = 0
-        taken: set[str] = set()
+        size = rejected = 0
         started = time.monotonic()
         deadline: float | None = None
-        while len(entries) < opts.batch_size:
-            fresh = self.spool.pending(
-                opts.batch_size - len(entries),
-                worker_index=self.worker_index,
-                worker_count=self.worker_count,
-                skip=taken,
-            )
-            for entry in fresh:
-                taken.add(entry.name)
-                parsed = self._parse(entry)
-                if parsed is None:
+        before = reader.position
+        while len(batch) < opts.batch_size and size < opts.batch_bytes:
+            fresh = reader.read(opts.batch_size - len(batch), max_bytes=opts.batch_bytes - size)
+            for entry, raw in fresh:
+                item = self._parse(entry, raw)
+                if item is None:
                     rejected += 1
                     continue
-                item, raw = parsed
-                earlier = by_sop.get(item.sop_uid)
-                if earlier is not None:
-                    earlier.result()  # versions of one SOP reach the store in arrival order
-                future = self._submit_store(raw, item, entry.path)
-                by_sop[item.sop_uid] = future
-                entries.append(entry)
-                stores.append(future)
+                pending = _Pending(entry, raw, item)
+                if local:
+                    pending.stage = self.retry("spool", partial(self._stage, raw))
+                else:
+                    earlier = by_sop.get(item.sop_uid)
+                    if earlier is not None:
+                        earlier.result()  # versions of one SOP reach the store in arrival order
+                    pending.future = by_sop[item.sop_uid] = self._submit_store(raw, item)
+                batch.append(pending)
                 size += len(raw)
                 if deadline is None:
                     deadline = time.monotonic() + opts.batch_seconds
-            now = time.monotonic()
             if not wait or self._should_stop():
                 if not fresh:
                     break
                 continue
-            if deadline is not None and now >= deadline:
+            if deadline is not None and time.monotonic() >= deadline:
                 break
             if not fresh:
                 if deadline is None:
                     break  # nothing at all: let the caller idle
                 time.sleep(opts.poll_seconds)
-        items = [future.result() for future in stores]  # raises _Stopped during an outage + stop
+        try:
+            items = self._store_batch(batch)  # raises _Stopped during an outage + stop
+            outcomes = self.record_with_retry(items) if items else []
+            if reader.position != before:
+                self.retry("spool", reader.save)  # only now: every record before it is stored and recorded
+        finally:
+            for pending in batch:
+                if pending.stage is not None:
+                    pending.stage.unlink(missing_ok=True)
         if not items:
             return None if not rejected else BatchReport(self.worker_index, 0, 0, 0, 0, rejected, 0, 0.0)
-        if isinstance(self.store, LocalObjectStore):  # hard links made without their folder fsync
-            self.retry("object store", partial(self.store.sync_names, [item.object_key for item in items]))
-        outcomes = self.record_with_retry(items)
-        self.spool.remove(entries)
         counts = {s: 0 for s in RecordStatus}
         for outcome in outcomes:
             counts[outcome.status] += 1
@@ -584,6 +741,19 @@ class Ingester:
         self.reports.append(report)
         log.info("%s", report.line())
         return report
+
+    def _store_batch(self, batch: list[_Pending]) -> list[InstanceIn]:
+        """Put the batch's objects; with the local store: one data sync, then hard links, one name sync per folder."""
+        if not batch:
+            return []
+        if not self._local():
+            return [p.future.result() for p in batch if p.future is not None]
+        stages = [p.stage for p in batch if p.stage is not None]
+        self.retry("object store", partial(sync_files, self.spool.stage_dir, stages))
+        items = [self.store_with_retry(p.raw, p.item, spool_file=p.stage, sync=False) for p in batch]
+        assert isinstance(self.store, LocalObjectStore)
+        self.retry("object store", partial(self.store.sync_names, [item.object_key for item in items]))
+        return items
 
     def drain(self) -> int:
         """Ingest everything waiting now (tests, replay); returns the number of instances."""
@@ -603,6 +773,11 @@ class Ingester:
                 time.sleep(self.options.poll_seconds)
         self.close()
         log.info("ingest[%d]: stopped", self.worker_index)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _with_key(item: InstanceIn, key: str) -> InstanceIn:

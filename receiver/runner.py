@@ -3,7 +3,8 @@
 Start order (so nothing acknowledged can be lost or processed twice at once):
 
 1. take the spool lock (one receiver per spool) and :meth:`~receiver.spool.Spool.recover`
-   (delete never-acknowledged temp files; ``ready/`` files are replayed by ingest);
+   (find the end of the log, drop a torn tail record that was never acknowledged, set the read
+   marks for this many ingest workers; pending records are replayed by ingest);
 2. start the ingest processes (spawned before any SCP thread exists);
 3. start the SCP;
 4. start the completeness monitor (:class:`~receiver.completeness.CompletenessMonitor` with a
@@ -37,7 +38,7 @@ from receiver.associations import (
 from receiver.completeness import CompletenessMonitor, MonitorOptions
 from receiver.ingest import IngestOptions, IngestPool, StorageFactory, start_ingest_processes
 from receiver.scp import ScpConfig, start_scp
-from receiver.spool import DEFAULT_MIN_FREE_BYTES, DEFAULT_MIN_FREE_FRACTION, Spool
+from receiver.spool import DEFAULT_MIN_FREE_BYTES, DEFAULT_MIN_FREE_FRACTION, DEFAULT_SEGMENT_SIZE, Spool
 
 if TYPE_CHECKING:
     from pynetdicom.transport import ThreadedAssociationServer
@@ -62,6 +63,8 @@ class ReceiverConfig:
         The spool folder.
     min_free_bytes, min_free_fraction
         Spool disk watermark (0xA700 below it).
+    segment_size : int
+        Bytes per spool log segment.
     accept_any : bool
         Accept associations from any caller.
     trusted_networks : sequence of str
@@ -84,6 +87,7 @@ class ReceiverConfig:
     spool_dir: Path
     min_free_bytes: int = DEFAULT_MIN_FREE_BYTES
     min_free_fraction: float = DEFAULT_MIN_FREE_FRACTION
+    segment_size: int = DEFAULT_SEGMENT_SIZE
     accept_any: bool = False
     trusted_networks: Sequence[str] = DEFAULT_TRUSTED_NETWORKS
     ingest_workers: int = 1
@@ -119,7 +123,10 @@ class Receiver:
         self.storage = storage
         self.repository = repository
         self.spool = Spool(
-            config.spool_dir, min_free_bytes=config.min_free_bytes, min_free_fraction=config.min_free_fraction
+            config.spool_dir,
+            min_free_bytes=config.min_free_bytes,
+            min_free_fraction=config.min_free_fraction,
+            segment_size=config.segment_size,
         )
         self.facts: RepositoryFacts | None = None
         self.pool: IngestPool | None = None
@@ -145,10 +152,15 @@ class Receiver:
             On bad TLS files or a port that cannot be bound.
         """
         cfg = self.config
-        self.spool.lock()
-        deleted, pending = self.spool.recover()
-        if deleted or pending:
-            log.info("spool %s: %d unacknowledged temp files deleted, %d instances to replay", self.spool.root, deleted, pending)
+        found = self.spool.recover(max(cfg.ingest_workers, 1))
+        if found.pending or found.dropped:
+            log.info(
+                "spool %s: %d instances (%.1f MB) to replay, %d torn records dropped",
+                self.spool.root,
+                found.pending,
+                found.pending_bytes / 1e6,
+                found.dropped,
+            )
         if cfg.ingest_workers > 0:
             self.pool = start_ingest_processes(
                 self.storage, cfg.spool_dir, cfg.ingest_workers, options=cfg.ingest, log_level=log_level

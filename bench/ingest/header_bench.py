@@ -51,7 +51,6 @@ def main() -> None:
     from tests.factories import make_ct_series, make_small_series, to_p10_bytes
 
     entry = SpoolEntry(
-        path=Path("/spool/bench.dcm"),
         received_at=dt.datetime.now(dt.UTC),
         association_id="bench",
         calling_ae="BENCH",

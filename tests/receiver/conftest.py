@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset
 from receiver.associations import AssociationTracker, CallerPolicy
 from receiver.ingest import Ingester
 from receiver.scp import ScpConfig, start_scp
-from receiver.spool import Spool
+from receiver.spool import Spool, SpoolEntry
 from storage.db import create_engine, upgrade
 from storage.objects import ObjectStore, open_object_store
 from storage.repository import Repository
@@ -67,21 +67,27 @@ class Env:
             return int(conn.execute(sa.text("select count(*) from instance")).scalar_one())
 
 
+TEST_SEGMENT_SIZE = 4 * 1024**2
+"""Spool segments of the tests: small, so that a test prepares them fast and rolls over."""
+
+
 @pytest.fixture
-def env(tmp_path: Path) -> Env:
+def env(tmp_path: Path) -> Iterator[Env]:
     db_url = f"sqlite:///{tmp_path / 'dcmflow.db'}"
     engine = create_engine(db_url)
     upgrade(engine)
     objects = tmp_path / "objects"
-    return Env(
+    spool = Spool(tmp_path / "spool", min_free_bytes=0, min_free_fraction=0.0, segment_size=TEST_SEGMENT_SIZE)
+    yield Env(
         root=tmp_path,
         db_url=db_url,
         objects_dir=objects,
         spool_dir=tmp_path / "spool",
         repo=Repository(engine),
         store=open_object_store(local_root=objects),
-        spool=Spool(tmp_path / "spool", min_free_bytes=0, min_free_fraction=0.0),
+        spool=spool,
     )
+    spool.close()
 
 
 @dataclass
@@ -102,6 +108,15 @@ def scp(env: Env) -> Iterator[RunningScp]:
         yield RunningScp(port, tracker, policy)
     finally:
         server.shutdown()
+
+
+def spooled(spool: Spool) -> list[tuple[SpoolEntry, bytes]]:
+    """Every record waiting in the spool, in log order (read without moving any read mark)."""
+    reader = spool.reader()
+    try:
+        return reader.read(1_000_000)
+    finally:
+        reader.close()
 
 
 def write_series(folder: Path, datasets: list[Dataset]) -> list[Path]:

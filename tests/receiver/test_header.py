@@ -44,7 +44,6 @@ from receiver.spool import SpoolEntry
 from tests.factories import MR_IMAGE_STORAGE, make_ct_series, make_small_series, to_p10_bytes
 
 ENTRY = SpoolEntry(
-    path=Path("/spool/x.dcm"),
     received_at=dt.datetime(2025, 3, 14, 10, 15, tzinfo=dt.UTC),
     association_id="a1",
     calling_ae="MODALITY",

@@ -29,7 +29,7 @@ from receiver.handlers import HEADER_PREFIX
 from receiver.scp import ScpConfig, start_scp
 from receiver.transfer import decode_command, echo_response, p_data_pdus, store_response
 from tests.factories import make_small_series
-from tests.receiver.conftest import AE_TITLE, Env, free_port
+from tests.receiver.conftest import AE_TITLE, Env, free_port, spooled
 
 MR = "1.2.840.10008.5.1.4.1.1.4"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -159,7 +159,7 @@ def test_same_bytes_on_the_wire_with_and_without_the_fast_loop(env: Env, max_pdu
     assert slow_statuses == fast_statuses
     assert b"".join(fast_bytes) == b"".join(slow_bytes)
     assert fast_bytes[-1] == bytes([0x06, 0, 0, 0, 0, 4, 0, 0, 0, 0])  # A-RELEASE-RP
-    assert len(list(env.spool.ready_dir.iterdir())) == 2 * 4  # both runs spooled the 4 good stores
+    assert env.spool.count() == 2 * 4  # both runs spooled the 4 good stores
 
 
 def test_closed_events_and_counts_reach_the_tracker(env: Env) -> None:
@@ -230,7 +230,7 @@ def test_protocol_errors_abort_and_the_receiver_goes_on(env: Env, raw: Any) -> N
         again = _established(port)
         assert again.send_c_echo().Status == 0
         again.release()
-    assert list(env.spool.ready_dir.iterdir()) == []
+    assert env.spool.count() == 0
 
 
 def test_peer_vanishing_mid_message_spools_nothing_and_receiver_goes_on(env: Env) -> None:
@@ -245,8 +245,8 @@ def test_peer_vanishing_mid_message_spools_nothing_and_receiver_goes_on(env: Env
         again = _established(port)
         assert again.send_c_echo().Status == 0
         again.release()
-    assert list(env.spool.ready_dir.iterdir()) == []
-    assert list(env.spool.tmp_dir.iterdir()) == []  # the half-written data set was dropped
+    assert env.spool.count() == 0  # the half-received data set never became a record
+    assert list(env.spool.tmp_dir.iterdir()) == []
 
 
 def _with_big_private_element(uid_ok: bool) -> Dataset:
@@ -268,10 +268,10 @@ def test_uids_beyond_the_in_memory_prefix_are_still_checked(env: Env, uid_ok: bo
         assoc = ae.associate("127.0.0.1", port, ae_title=AE_TITLE)
         code = int(assoc.send_c_store(ds).Status)
         assoc.release()
-    stored = list(env.spool.ready_dir.iterdir())
+    stored = spooled(env.spool)
     if uid_ok:
         assert code == 0 and len(stored) == 1
-        assert stored[0].read_bytes().endswith(ds.PixelData)
+        assert stored[0][1].endswith(ds.PixelData)
     else:
         assert code == status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS and stored == []
     assert list(env.spool.tmp_dir.iterdir()) == []
