@@ -13,8 +13,10 @@ VR. Two things of the library are not used, and are done here instead:
 - Sequences: the library applies its table at the top level only, and fills or empties
   every element of a sequence it acts on (Referenced SOP Class UIDs included). Here the
   table applies at every nesting level; a sequence marked X is removed, Z (also when X/Z or
-  X/Z/D allows it) becomes zero items, U* keeps its items with their instance UIDs hashed,
-  and D keeps its items with every other value replaced by a dummy.
+  X/Z/D allows it) becomes zero items, U* keeps its items with the table applied inside
+  (their instance UIDs hashed), and D or X/D keeps its items with the table applied inside
+  and every other value replaced by a dummy (class and coding-scheme UIDs name no one and
+  stay).
 
 Private elements are removed at every level (E.1.1: the Basic Profile keeps none). An overlay
 whose Overlay Data (60xx,3000) the table removes loses its whole group, since an overlay
@@ -148,7 +150,7 @@ class Deidentifier:
         The action codes; the Basic Profile by default.
     """
 
-    key: bytes
+    key: bytes = field(repr=False)
     table: ProfileTable = field(default_factory=profile_table)
     counts: dict[str, int] = field(default_factory=lambda: {"removed": 0, "emptied": 0, "replaced": 0, "uids": 0, "private": 0})
 
