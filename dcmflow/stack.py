@@ -598,7 +598,8 @@ def collect_status(settings: Settings) -> dict[str, Any]:
         s.model_dump(mode="json", include={"series_uid", "modality", "instance_count", "last_received_at", "revision"})
         for s in repository.list_series(limit=50, state=SeriesState.RECEIVING.value)
     ]
-    report["spool_backlog"] = Spool(settings.spool_dir).count() if settings.spool_dir.is_dir() else 0
+    depth = Spool(settings.spool_dir).depth() if settings.spool_dir.is_dir() else (0, 0)
+    report["spool_backlog"], report["spool_backlog_bytes"] = depth  # instances, bytes
     if state is not None:
         report["prefect_healthy"] = healthy(state.api_url)
         if report["prefect_healthy"]:

@@ -255,7 +255,7 @@ def _print_status(report: dict[str, Any]) -> None:
     counts = report["records"]
     stdout.print(
         f"  received      {counts['studies']} studies, {counts['series']} series, {counts['instances']} instances; "
-        f"{report['spool_backlog']} in the spool waiting for ingest",
+        f"{report['spool_backlog']} ({report.get('spool_backlog_bytes', 0) / 1e6:.1f} MB) in the spool waiting for ingest",
         highlight=False,
     )
     if report["waiting"]:

@@ -256,3 +256,27 @@ def test_recovery_keeps_every_complete_record_and_drops_only_the_torn_one(env: E
     again = Spool(crashed, min_free_bytes=0, min_free_fraction=0.0, segment_size=TEST_SEGMENT_SIZE)
     assert again.recover(1).pending == 0  # all ingested: nothing replays a second time
     again.close()
+
+
+def test_depth_seen_from_another_process_counts_instances_and_bytes_per_worker_share(env: Env) -> None:
+    """What ``dcmflow status`` shows: a Spool object of its own (no lock) reads the head and marks."""
+    datasets = make_small_series(10, seed=36)
+    assoc = new_association_id()
+    raws = [to_p10_bytes(ds) for ds in datasets]
+    for ds, raw in zip(datasets, raws, strict=True):
+        env.spool.write(raw, sop_uid=ds.SOPInstanceUID, association_id=assoc, calling_ae="A")
+    env.spool.close()
+    env.spool.recover(2)  # a receiver with two ingest workers
+    status_view = _spool(env)
+    assert status_view.depth() == (10, sum(len(r) for r in raws))
+    from receiver.ingest import Ingester
+    from receiver.spool import worker_of
+
+    taken = Ingester(env.spool, env.store, env.repo, worker_index=0, worker_count=2).drain()
+    rest = [r for ds, r in zip(datasets, raws, strict=True) if worker_of(ds.SOPInstanceUID, 2) == 1]
+    assert 0 < taken < 10 and taken + len(rest) == 10
+    assert status_view.depth() == (len(rest), sum(len(r) for r in rest))
+    assert env.spool.has_files_of(assoc)  # worker 1 still holds some
+    Ingester(env.spool, env.store, env.repo, worker_index=1, worker_count=2).drain()
+    assert status_view.depth() == (0, 0)
+    assert not env.spool.has_files_of(assoc)
