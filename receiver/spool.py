@@ -49,7 +49,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Self
+from typing import Any, BinaryIO, Self
 
 from receiver.errors import SpoolError, SpoolFullError, SpoolLockedError
 from receiver.spool_log import (
@@ -60,6 +60,7 @@ from receiver.spool_log import (
     decode_header,
     encode_header,
     encode_position,
+    header_length,
     iter_records,
     read_data,
     read_position_file,
@@ -73,6 +74,7 @@ __all__ = [
     "DEFAULT_MIN_FREE_BYTES",
     "DEFAULT_MIN_FREE_FRACTION",
     "DEFAULT_SEGMENT_SIZE",
+    "SLOT_FROM",
     "SPILL_BYTES",
     "RecoveryReport",
     "Spool",
@@ -98,6 +100,11 @@ SPILL_BYTES = 32 * 1024**2
 """A data set larger than this is kept in an anonymous file in ``tmp/``, not in memory, until it
 is complete and appended."""
 
+SLOT_FROM = 256 * 1024
+"""Stream a data set straight into the log (a slot) when its association's previous one was at
+least this large: its bytes go to disk while the rest arrives, so the acknowledgement waits
+for little more than the last fragment. Smaller ones are collected in memory and appended whole."""
+
 _SEGMENTS = "segments"
 _MARKS = "marks"
 _TMP = "tmp"
@@ -110,6 +117,8 @@ _KEEP_FREE = 2  # ingested segments kept for reuse; more are deleted (their spac
 _KEEPER_INTERVAL = 0.2
 _ZEROS = bytes(1024 * 1024)
 _WRITEBACK_FROM = 64 * 1024  # start write-back of records at least this large at once
+_WRITEBACK_CHUNK = 64 * 1024  # while a slot fills, start write-back every this many bytes
+_HINTS_MAX = 4096  # associations whose last data-set size is remembered
 
 log = logging.getLogger(__name__)
 
@@ -250,13 +259,24 @@ class SpoolStats:
 class SpoolWriter:
     """One instance being received (from :meth:`Spool.open_entry`).
 
-    :meth:`write` collects the data set as it arrives, in memory (a file in ``tmp/`` beyond
-    :data:`SPILL_BYTES`), with its CRC-32; :meth:`commit` appends it to the log as one record
-    and returns once that is durable. A data set that is discarded (or never committed:
-    leaving a ``with`` block) never reaches the log, so a half data set is never a record.
+    :meth:`write` takes the data set as it arrives, with its CRC-32: into a *slot* of the log
+    reserved for it when the association's previous data set was large (:data:`SLOT_FROM`;
+    written back to disk as it comes), otherwise in memory (a file in ``tmp/`` beyond
+    :data:`SPILL_BYTES`). :meth:`commit` makes it one durable record and returns once it is.
+    A data set that is discarded, never committed (leaving a ``with`` block) or outgrows its
+    slot never becomes a record there: a half data set is never read as an instance.
     """
 
-    def __init__(self, spool: Spool, *, sop_uid: str, association_id: str, calling_ae: str, received_ns: int) -> None:
+    def __init__(
+        self,
+        spool: Spool,
+        *,
+        sop_uid: str,
+        association_id: str,
+        calling_ae: str,
+        received_ns: int,
+        slot: _Ticket | None = None,
+    ) -> None:
         self.sop_uid = sop_uid
         self.association_id = association_id
         self.calling_ae = calling_ae
@@ -264,14 +284,36 @@ class SpoolWriter:
         self.size = 0
         self.crc = 0
         self._spool = spool
-        self._buffer: bytearray | None = bytearray()
+        self._slot = slot
+        self._buffer: bytearray | None = bytearray() if slot is None else None
         self._spill: BinaryIO | None = None
+        self._written_back = 0
+
+    @property
+    def streaming(self) -> bool:
+        """True while the data set goes straight into a slot of the log."""
+        return self._slot is not None
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Append ``data`` to the data set."""
-        if self._buffer is None and self._spill is None:
+        if self._buffer is None and self._spill is None and self._slot is None:
             raise ValueError("spool writer is closed")
         self.crc = zlib.crc32(data, self.crc)
+        slot = self._slot
+        if slot is not None:
+            if self.size + len(data) <= slot.capacity:
+                _pwrite_all(slot.segment.fd, data, slot.data_offset + self.size)
+                self.size += len(data)
+                if self.size - self._written_back >= _WRITEBACK_CHUNK:
+                    start_writeback(slot.segment.fd, slot.data_offset + self._written_back, self.size - self._written_back)
+                    self._written_back = self.size
+                return
+            # Outgrew its slot: the slot is left void (skipped by readers) and this data set
+            # continues in memory, to be appended whole.
+            so_far = os.pread(slot.segment.fd, self.size, slot.data_offset)
+            self._slot = None
+            self._spool._void(slot)
+            self._buffer = bytearray(so_far)
         if self._spill is None and self.size + len(data) > SPILL_BYTES:
             assert self._buffer is not None
             self._spill = tempfile.TemporaryFile(dir=self._spool.tmp_dir)  # O_TMPFILE: gone on a crash
@@ -286,6 +328,8 @@ class SpoolWriter:
 
     def read_back(self, offset: int) -> bytes:
         """What was written from ``offset`` on (for rare re-checks)."""
+        if self._slot is not None:
+            return os.pread(self._slot.segment.fd, self.size - offset, self._slot.data_offset + offset)
         if self._spill is not None:
             self._spill.flush()
             return os.pread(self._spill.fileno(), self.size - offset, offset)
@@ -294,7 +338,7 @@ class SpoolWriter:
         return bytes(self._buffer[offset:])
 
     def copy_into(self, fd: int, offset: int) -> None:
-        """Write the data set into ``fd`` at ``offset`` (used by the log while appending)."""
+        """Write the collected data set into ``fd`` at ``offset`` (used by the log while appending)."""
         if self._spill is not None:
             self._spill.flush()
             copied = 0
@@ -308,7 +352,7 @@ class SpoolWriter:
             _pwrite_all(fd, self._buffer, offset)
 
     def commit(self) -> SpoolEntry:
-        """Append the data set to the log and wait until the record is durable.
+        """Make the data set a durable record of the log and wait until it is.
 
         Raises
         ------
@@ -317,15 +361,21 @@ class SpoolWriter:
         OSError
             If the disk fails (the record is not acknowledged; recovery skips it).
         """
-        if self._buffer is None and self._spill is None:
+        if self._buffer is None and self._spill is None and self._slot is None:
             raise ValueError("spool writer is closed")
         try:
+            if self._slot is not None:
+                slot, self._slot = self._slot, None
+                return self._spool._fill(slot, self)
             return self._spool._append(self)
         finally:
             self.discard()
 
     def discard(self) -> None:
-        """Drop what was written (idempotent)."""
+        """Drop what was written (idempotent); a slot is left void."""
+        if self._slot is not None:
+            slot, self._slot = self._slot, None
+            self._spool._void(slot)
         self._buffer = None
         if self._spill is not None:
             self._spill.close()
@@ -355,8 +405,14 @@ class _Ticket:
     end: Position
     association_id: str
     size: int
+    header_length: int = 0
+    capacity: int = 0  # data bytes a slot can take (0: a whole record)
     resolved: bool = False
     error: BaseException | None = None
+
+    @property
+    def data_offset(self) -> int:
+        return self.offset + self.header_length
 
 
 @dataclass
@@ -442,6 +498,7 @@ class Spool:
         self._head: Position | None = None
         self._head_fd: int | None = None
         self._last_end: dict[str, Position] = {}
+        self._size_hints: dict[str, int] = {}
         self._keeper: threading.Thread | None = None
         self._keeper_stop = threading.Event()
         self._full_logged = False
@@ -555,7 +612,7 @@ class Spool:
                 os.close(fd)
         if dropped:
             log.warning(
-                "spool %s: dropped %d record%s that failed the checksum (torn by a crash, never acknowledged)",
+                "spool %s: dropped %d record%s never acknowledged (torn by a crash, or a data set still arriving)",
                 self.root,
                 dropped,
                 "" if dropped == 1 else "s",
@@ -729,13 +786,15 @@ class Spool:
             raise ValueError(f"invalid association id {association_id!r}")
         if not self.has_room(incoming):
             raise self._refuse()
-        return SpoolWriter(
-            self,
-            sop_uid=sop_uid,
-            association_id=association_id,
-            calling_ae=calling_ae.strip()[:16],
-            received_ns=time.time_ns() if received_ns is None else received_ns,
-        )
+        ae = calling_ae.strip()[:16]
+        ns = time.time_ns() if received_ns is None else received_ns
+        slot = None
+        hint = self._size_hints.get(association_id, 0)
+        if SLOT_FROM <= hint and hint + hint // 8 + 8192 <= self.segment_size // 2:
+            # Room for a little more than the association's previous data set (series of one
+            # image size are the rule); a larger one leaves its slot and is appended whole.
+            slot = self._reserve_slot(sop_uid, association_id, ae, ns, aligned(hint + hint // 8))
+        return SpoolWriter(self, sop_uid=sop_uid, association_id=association_id, calling_ae=ae, received_ns=ns, slot=slot)
 
     def write(
         self,
@@ -776,52 +835,117 @@ class Spool:
             writer.write(data)
             return writer.commit()
 
-    def _append(self, writer: SpoolWriter) -> SpoolEntry:
-        """Reserve, write the header (in order, under the lock), write the data, group-commit."""
+    def _reserve(self, extent_of: Callable[[int], int], header_of: Callable[[int], bytes], **ticket: Any) -> _Ticket:
+        """Reserve the next record's space and write its header, in log order, under the lock.
+
+        A header is written before any later record is reserved: so every header before an
+        acknowledged record is durable with it, and recovery can walk the log.
+        """
         self._ensure_started()
-        if not self.has_room(writer.size):
-            raise self._refuse()
-        header_args = {
-            "data_length": writer.size,
-            "received_ns": writer.received_ns,
-            "association_id": writer.association_id,
-            "calling_ae": writer.calling_ae,
-            "sop_uid": writer.sop_uid,
-            "data_crc": writer.crc,
-        }
         with self._cond:
             segment = self._current
             if self._closed or segment is None:
                 raise SpoolError(f"spool {self.root} is closed")
-            header = encode_header(segment.seq, **header_args)  # type: ignore[arg-type]
-            total = len(header) + writer.size
-            if segment.used and segment.used + total > segment.capacity:
+            header = header_of(segment.seq)
+            if segment.used and segment.used + extent_of(len(header)) > segment.capacity:
                 segment = self._roll(segment)
-                header = encode_header(segment.seq, **header_args)  # type: ignore[arg-type]
+                header = header_of(segment.seq)
             offset = segment.used
-            # A header is written before any later record is reserved: so every header before an
-            # acknowledged record is durable with it, and recovery can walk the log.
             _pwrite_all(segment.fd, header, offset)
-            segment.used = aligned(offset + total)
-            ticket = _Ticket(segment, offset, Position(segment.seq, segment.used), writer.association_id, writer.size)
-            self._inflight.append(ticket)
+            segment.used = aligned(offset + extent_of(len(header)))
+            reserved = _Ticket(segment, offset, Position(segment.seq, segment.used), header_length=len(header), **ticket)
+            self._inflight.append(reserved)
+            return reserved
+
+    def _append(self, writer: SpoolWriter) -> SpoolEntry:
+        """Append a collected data set as one record: reserve, write, group-commit."""
+        if not self.has_room(writer.size):
+            raise self._refuse()
+        fields = self._fields(writer)
+        ticket = self._reserve(
+            lambda n: n + writer.size,
+            lambda seq: encode_header(seq, data_length=writer.size, data_crc=writer.crc, **fields),
+            association_id=writer.association_id,
+            size=writer.size,
+        )
         try:
-            writer.copy_into(segment.fd, offset + len(header))
+            writer.copy_into(ticket.segment.fd, ticket.data_offset)
             if writer.size >= _WRITEBACK_FROM:
-                start_writeback(segment.fd, offset, total)
+                start_writeback(ticket.segment.fd, ticket.offset, ticket.header_length + writer.size)
         except BaseException as exc:
-            with self._cond:
-                ticket.resolved, ticket.error = True, exc
-                self._advance_head()
-                self._cond.notify_all()
+            self._resolve(ticket, exc)
             raise
+        return self._durable(ticket, writer)
+
+    @staticmethod
+    def _fields(writer: SpoolWriter) -> dict[str, Any]:
+        return {
+            "received_ns": writer.received_ns,
+            "association_id": writer.association_id,
+            "calling_ae": writer.calling_ae,
+            "sop_uid": writer.sop_uid,
+        }
+
+    def _reserve_slot(self, sop_uid: str, association_id: str, calling_ae: str, received_ns: int, capacity: int) -> _Ticket:
+        """Reserve a slot for a data set that is about to arrive (its header flagged as a slot)."""
+        fields: dict[str, Any] = {
+            "received_ns": received_ns,
+            "association_id": association_id,
+            "calling_ae": calling_ae,
+            "sop_uid": sop_uid,
+        }
+        extent = header_length(calling_ae, sop_uid) + capacity
+        return self._reserve(
+            lambda _: extent,
+            lambda seq: encode_header(seq, data_length=0, data_crc=0, slot=True, extent=extent, **fields),
+            association_id=association_id,
+            size=0,
+            capacity=capacity,
+        )
+
+    def _fill(self, slot: _Ticket, writer: SpoolWriter) -> SpoolEntry:
+        """Turn a filled slot into a record (its header rewritten in place), then group-commit."""
+        if not self.has_room(0):
+            self._void(slot)
+            raise self._refuse()
+        header = encode_header(
+            slot.segment.seq,
+            data_length=writer.size,
+            data_crc=writer.crc,
+            extent=slot.header_length + slot.capacity,
+            **self._fields(writer),
+        )
+        assert len(header) == slot.header_length
+        slot.size = writer.size
+        try:
+            _pwrite_all(slot.segment.fd, header, slot.offset)
+        except BaseException as exc:
+            self._resolve(slot, exc)
+            raise
+        return self._durable(slot, writer)
+
+    def _void(self, slot: _Ticket) -> None:
+        """Give up a slot: its header stays flagged, so readers and recovery skip it."""
+        self._resolve(slot, None, void=True)
+
+    def _resolve(self, ticket: _Ticket, error: BaseException | None, *, void: bool = False) -> None:
+        with self._cond:
+            ticket.resolved, ticket.error = True, error
+            self._advance_head()
+            self._cond.notify_all()
+
+    def _durable(self, ticket: _Ticket, writer: SpoolWriter) -> SpoolEntry:
         self._commit(ticket)
+        hints = self._size_hints
+        if len(hints) >= _HINTS_MAX and writer.association_id not in hints:
+            hints.clear()
+        hints[writer.association_id] = writer.size
         return SpoolEntry(
             received_at=dt.datetime.fromtimestamp(writer.received_ns / 1e9, tz=dt.UTC),
             association_id=writer.association_id,
             calling_ae=writer.calling_ae,
             sop_uid=writer.sop_uid,
-            position=Position(segment.seq, offset),
+            position=Position(ticket.segment.seq, ticket.offset),
             size=writer.size,
         )
 
@@ -956,7 +1080,7 @@ class Spool:
             return 0, 0
         marks = self._read_marks()
         start = marks.floor() or Position(0, 0)
-        pending = [h for h in self._walk(start, head) if self._unconsumed(h, marks)]
+        pending = [h for h in self._walk(start, head) if not h.slot and self._unconsumed(h, marks)]
         return len(pending), sum(h.data_length for h in pending)
 
     def count(self) -> int:
@@ -1072,6 +1196,8 @@ class SpoolReader:
                 continue
             assert fd is not None
             data = read_data(fd, header)
+            if data is None and header.slot:
+                continue  # a slot left void (its data set outgrew it or never completed)
             if data is None:
                 self.skipped += 1
                 log.warning(

@@ -14,14 +14,22 @@ of a new record can never tear an acknowledged one)::
     4       1     version (1)
     5       1     calling AE length (<= 16, PS3.5 §6.2)
     6       1     SOP Instance UID length (<= 64, PS3.5 §9.1)
-    7       1     flags (0)
+    7       1     flags (1 = a slot still being filled: never valid data)
     8       8     segment sequence number (a reused file's stale records carry an older one)
     16      8     data length
-    24      8     receive time, ns since the epoch
-    32      16    association id (UUID bytes)
-    48      4     CRC-32 of the data
-    52      4     CRC-32 of bytes 0-51 plus the AE title and the UID
-    56      ..    calling AE title (ASCII), SOP Instance UID (ASCII), then the raw PS3.10 bytes
+    24      8     extent: bytes the record occupies from its start (header + data, or a slot)
+    32      8     receive time, ns since the epoch
+    40      16    association id (UUID bytes)
+    56      4     CRC-32 of the data
+    60      4     CRC-32 of bytes 0-59 plus the AE title and the UID
+    64      ..    calling AE title (ASCII), SOP Instance UID (ASCII), then the raw PS3.10 bytes
+
+A *slot* is space reserved for a large data set while it still arrives, so that its bytes go
+to disk during the transfer: its header is first written with the slot flag (readers and
+recovery skip it like a torn record) and, once the data set is complete, rewritten in place
+with the real length and CRC. The header lies in the first 512 bytes of a page-aligned
+record, so that rewrite is one sector (the unit a disk writes atomically; PostgreSQL keeps
+its control file under 512 bytes for the same reason).
 
 A record is valid when its header checks out (magic, version, sequence number of the segment it
 is in, header CRC) and its data matches the data CRC. The writer writes each header in order,
@@ -51,6 +59,7 @@ __all__ = [
     "decode_position",
     "encode_header",
     "encode_position",
+    "header_length",
     "iter_records",
     "read_data",
     "read_position_file",
@@ -64,7 +73,8 @@ ALIGN = 4096
 
 _MAGIC = b"DCR1"
 _VERSION = 1
-_HEAD = struct.Struct("<4sBBBBQQQ16sII")
+_HEAD = struct.Struct("<4sBBBBQQQQ16sII")
+_SLOT = 1
 _CRC_SPAN = _HEAD.size - 4
 MAX_HEADER = _HEAD.size + 16 + 64
 """Longest record header (fixed part, a 16-character AE title and a 64-character UID)."""
@@ -93,6 +103,8 @@ class RecordHeader:
     sop_uid: str
     data_crc: int
     header_length: int
+    extent: int
+    slot: bool = False
 
     @property
     def data_offset(self) -> int:
@@ -102,7 +114,7 @@ class RecordHeader:
     @property
     def end(self) -> Position:
         """Where the next record starts."""
-        return Position(self.segment, aligned(self.offset + self.header_length + self.data_length))
+        return Position(self.segment, aligned(self.offset + self.extent))
 
     @property
     def position(self) -> Position:
@@ -128,6 +140,11 @@ def segment_seq(path: Path) -> int | None:
     return int(name[:16])
 
 
+def header_length(calling_ae: str, sop_uid: str) -> int:
+    """Bytes of the header of a record with this AE title and UID."""
+    return _HEAD.size + len(calling_ae.encode("ascii", "replace")[:16]) + len(sop_uid.encode("ascii"))
+
+
 def encode_header(
     segment: int,
     *,
@@ -137,12 +154,29 @@ def encode_header(
     calling_ae: str,
     sop_uid: str,
     data_crc: int,
+    extent: int | None = None,
+    slot: bool = False,
 ) -> bytes:
-    """The header bytes of one record (the caller validated the UID, AE title and id)."""
+    """The header bytes of one record (the caller validated the UID, AE title and id).
+
+    ``extent`` defaults to header + data; ``slot`` marks a slot still being filled.
+    """
     ae = calling_ae.encode("ascii", "replace")[:16]
     uid = sop_uid.encode("ascii")
+    length = _HEAD.size + len(ae) + len(uid)
     fixed = _HEAD.pack(
-        _MAGIC, _VERSION, len(ae), len(uid), 0, segment, data_length, received_ns, bytes.fromhex(association_id), data_crc, 0
+        _MAGIC,
+        _VERSION,
+        len(ae),
+        len(uid),
+        _SLOT if slot else 0,
+        segment,
+        data_length,
+        length + data_length if extent is None else extent,
+        received_ns,
+        bytes.fromhex(association_id),
+        data_crc,
+        0,
     )
     crc = zlib.crc32(ae + uid, zlib.crc32(fixed[:_CRC_SPAN]))
     return fixed[:_CRC_SPAN] + struct.pack("<I", crc) + ae + uid
@@ -152,10 +186,12 @@ def decode_header(buf: bytes, segment: int, offset: int) -> RecordHeader | None:
     """Decode the header at the start of ``buf``; ``None`` unless it is a valid header of ``segment``."""
     if len(buf) < _HEAD.size:
         return None
-    magic, version, ae_len, uid_len, _flags, seq, length, ns, assoc, data_crc, crc = _HEAD.unpack_from(buf)
+    magic, version, ae_len, uid_len, flags, seq, length, extent, ns, assoc, data_crc, crc = _HEAD.unpack_from(buf)
     if magic != _MAGIC or version != _VERSION or seq != segment or ae_len > 16 or uid_len > 64:
         return None
     end = _HEAD.size + ae_len + uid_len
+    if extent < end + length:
+        return None
     if len(buf) < end:
         return None
     names = buf[_HEAD.size : end]
@@ -166,11 +202,13 @@ def decode_header(buf: bytes, segment: int, offset: int) -> RecordHeader | None:
         sop_uid = names[ae_len:].decode("ascii")
     except UnicodeDecodeError:
         return None
-    return RecordHeader(segment, offset, length, ns, assoc.hex(), calling_ae, sop_uid, data_crc, end)
+    return RecordHeader(segment, offset, length, ns, assoc.hex(), calling_ae, sop_uid, data_crc, end, extent, bool(flags & _SLOT))
 
 
 def read_data(fd: int, header: RecordHeader) -> bytes | None:
-    """The record's PS3.10 bytes, or ``None`` when they are short or fail the data CRC."""
+    """The record's PS3.10 bytes, or ``None`` when they are short or fail the data CRC (or a slot)."""
+    if header.slot:
+        return None
     data = os.pread(fd, header.data_length, header.data_offset)
     if len(data) != header.data_length or zlib.crc32(data) != header.data_crc:
         return None

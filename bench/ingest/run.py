@@ -2,16 +2,22 @@
 
 Usage (from the repository root, in the venv)::
 
-    python -m bench.ingest.run                       # 500 × 512×512 CT + 2000 × 64×64 MR
-    python -m bench.ingest.run --ct 100 --small 300  # quicker
-    python -m bench.ingest.run --data /tmp/bench-data --systems dcmflow,dcmtk
+    python bench/ingest/run.py                       # 300 × 512×512 CT + 1000 × 64×64 MR, 1 and 10 associations
+    python bench/ingest/run.py --ct 100 --small 300  # quicker
+    python bench/ingest/run.py --data /tmp/bench-data --systems dcmflow,dcmtk --assocs 10
+    python bench/ingest/run.py --strace              # also count fsync-family calls per instance
 
 Each system is started fresh, on a free loopback port, with its own temporary storage; the
-data set is sent once with ``TCP_NODELAY=1 /usr/bin/storescu +sd +r`` (one association), and
-the wall time of storescu is the "all acknowledged" time. For dcmflow the script also polls its
-SQLite database until every instance is recorded (objects are put before records, so this is
-"objects + records complete") and reports the time from the last acknowledgement to the last
-record. Timings are printed, never asserted (DESIGN.md: bench/ prints figures).
+data set is sent once with ``TCP_NODELAY=1 /usr/bin/storescu +sd +r``, in one association or
+split round-robin over N folders sent by N storescu processes at once; the wall time until the
+last storescu exits is the "all acknowledged" time. For dcmflow the script also polls its
+SQLite database until every instance is recorded (objects are durable before records, so this
+is "objects + records complete") and reports the time from the last acknowledgement to the
+last record, and the spool's own count of ``fdatasync`` calls per acknowledged instance (from
+the receiver's log line at stop). With ``--strace`` every server runs under
+``strace -f -c --seccomp-bpf`` counting ``fsync``, ``fdatasync``, ``syncfs``, ``msync`` and
+``sync_file_range`` of all its processes (which slows the calls it counts a little).
+Timings are printed, never asserted (DESIGN.md: bench/ prints figures).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -40,7 +47,9 @@ STORESCU = "/usr/bin/storescu"
 STORESCP = "/usr/bin/storescp"
 ECHOSCU = "/usr/bin/echoscu"
 ORTHANC = "/usr/sbin/Orthanc"
+STRACE = "/usr/bin/strace"
 SYSTEMS = ("dcmflow", "dcmtk", "orthanc", "pynetdicom")
+SYNC_CALLS = "fsync,fdatasync,syncfs,msync,sync_file_range"
 
 
 def free_port() -> int:
@@ -85,19 +94,41 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.dcm"))
 
 
-def send(folder: Path, port: int, aet: str) -> float:
-    """storescu the folder in one association; return the wall time (all acknowledged)."""
+def split(folder: Path, parts: int) -> list[Path]:
+    """``folder``'s files spread round-robin over ``parts`` sub-folders (hard links; reused)."""
+    if parts == 1:
+        return [folder]
+    root = folder.with_name(f"{folder.name}-split{parts}")
+    files = sorted(folder.glob("*.dcm"))
+    subs = [root / f"{i:02d}" for i in range(parts)]
+    if not (root.is_dir() and sum(len(list(d.glob("*.dcm"))) for d in subs if d.is_dir()) == len(files)):
+        shutil.rmtree(root, ignore_errors=True)
+        for d in subs:
+            d.mkdir(parents=True)
+        for i, f in enumerate(files):
+            os.link(f, subs[i % parts] / f.name)
+    return subs
+
+
+def send(folders: list[Path], port: int, aet: str) -> float:
+    """storescu each folder in its own association, all at once; return the wall time (all acknowledged)."""
     env = {**os.environ, "TCP_NODELAY": "1"}
     t = time.perf_counter()
-    r = subprocess.run(
-        [STORESCU, "-aet", "BENCHSCU", "-aec", aet, "127.0.0.1", str(port), "+sd", "+r", str(folder)],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    procs = [
+        subprocess.Popen(
+            [STORESCU, "-aet", "BENCHSCU", "-aec", aet, "127.0.0.1", str(port), "+sd", "+r", str(folder)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for folder in folders
+    ]
+    errors = [(p.wait(), p.stderr.read() if p.stderr else "") for p in procs]
     elapsed = time.perf_counter() - t
-    if r.returncode != 0:
-        raise RuntimeError(f"storescu to {aet} failed ({r.returncode}): {r.stderr[-2000:]}")
+    for code, err in errors:
+        if code != 0:
+            raise RuntimeError(f"storescu to {aet} failed ({code}): {err[-2000:]}")
     return elapsed
 
 
@@ -108,25 +139,42 @@ def send(folder: Path, port: int, aet: str) -> float:
 class Result:
     system: str
     dataset: str
+    assocs: int
     n: int
     size: int
     ack_s: float
     recorded_s: float | None = None
+    syncs: int | None = None  # fsync-family calls of all the server's processes (--strace)
+    spool_syncs_per_instance: float | None = None  # dcmflow: the spool's fdatasyncs per acknowledged instance
 
     @property
     def complete_s(self) -> float:
         return self.recorded_s if self.recorded_s is not None else self.ack_s
 
 
+def _traced_child(pid: int) -> int | None:
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return None
+    return int(children[0]) if children else None
+
+
 @contextmanager
-def process(cmd: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def process(
+    cmd: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None, log: Path, strace: Path | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    if strace is not None:
+        cmd = [STRACE, "-f", "-c", "--seccomp-bpf", "-e", f"trace={SYNC_CALLS}", "-o", str(strace), *cmd]
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         yield proc
     finally:
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+            # Under strace, stop the traced server (strace then writes its summary and exits).
+            target = _traced_child(proc.pid) if strace is not None else None
+            os.kill(target or proc.pid, signal.SIGTERM)
             try:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
@@ -134,43 +182,81 @@ def process(cmd: list[str], *, env: dict[str, str] | None = None, cwd: Path | No
                 proc.wait()
 
 
-def run_dcmflow(folder: Path, n: int, work: Path, workers: int) -> Result:
+def strace_calls(path: Path | None) -> int | None:
+    """Total calls in an ``strace -c`` summary file."""
+    if path is None or not path.exists():
+        return None
+    match = re.search(r"^\s*100\.00\s+\S+\s+\S+\s+(\d+)", path.read_text(), re.M)
+    if match:
+        return int(match.group(1))
+    return sum(int(m.group(1)) for m in re.finditer(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)", path.read_text(), re.M))
+
+
+@dataclass(frozen=True)
+class Run:
+    """One measurement: a data set, split over ``assocs`` associations, optionally under strace."""
+
+    folders: list[Path]
+    dataset: str
+    n: int
+    size: int
+    work: Path
+    strace: bool
+
+    @property
+    def assocs(self) -> int:
+        return len(self.folders)
+
+    def strace_file(self, name: str) -> Path | None:
+        return self.work / f"{name}.strace" if self.strace else None
+
+
+def run_dcmflow(run: Run, workers: int) -> Result:
     port = free_port()
-    home = work / "dcmflow"
+    home = run.work / "dcmflow"
     env = {k: v for k, v in os.environ.items() if not k.startswith("DCMFLOW_")}
     env |= {"DCMFLOW_HOME": str(home), "PYTHONPATH": str(REPO_ROOT)}
     cmd = [sys.executable, "-m", "dcmflow.cli.receive", "--port", str(port), "--ingest-workers", str(workers)]
-    with process(cmd, env=env, cwd=REPO_ROOT, log=work / "dcmflow.log"):
+    log = run.work / "dcmflow.log"
+    trace = run.strace_file("dcmflow")
+    with process(cmd, env=env, cwd=REPO_ROOT, log=log, strace=trace):
         wait_for_echo(port, "DCMFLOW")
         db = sqlite3.connect(home / "dcmflow.db", timeout=30)
         t0 = time.perf_counter()
-        ack = send(folder, port, "DCMFLOW")
+        ack = send(run.folders, port, "DCMFLOW")
         while True:
             (count,) = db.execute("select count(*) from instance").fetchone()
-            if count >= n:
+            if count >= run.n:
                 break
             if time.perf_counter() - t0 > 600:
-                raise RuntimeError(f"dcmflow recorded only {count}/{n}")
+                raise RuntimeError(f"dcmflow recorded only {count}/{run.n}")
             time.sleep(0.01)
         recorded = time.perf_counter() - t0
         db.close()
-    return Result("dcmflow", folder.name, n, folder_bytes(folder), ack, recorded)
+    found = re.findall(r"fdatasyncs \(([\d.]+) per instance\)", log.read_text(errors="replace"))
+    return Result(
+        "dcmflow", run.dataset, run.assocs, run.n, run.size, ack, recorded,
+        syncs=strace_calls(trace), spool_syncs_per_instance=float(found[-1]) if found else None,
+    )
 
 
-def run_dcmtk(folder: Path, n: int, work: Path) -> Result:
+def run_dcmtk(run: Run) -> Result:
     port = free_port()
-    out = work / "dcmtk"
+    out = run.work / "dcmtk"
     out.mkdir()
     env = {**os.environ, "TCP_NODELAY": "1"}
-    with process([STORESCP, "-aet", "DCMTK", "-od", str(out), str(port)], env=env, log=work / "dcmtk.log"):
+    trace = run.strace_file("dcmtk")
+    # --fork: one process per association, as DCMTK recommends for concurrent senders
+    cmd = [STORESCP, "-aet", "DCMTK", "-od", str(out), *(["--fork"] if run.assocs > 1 else []), str(port)]
+    with process(cmd, env=env, log=run.work / "dcmtk.log", strace=trace):
         wait_for_echo(port, "DCMTK")
-        ack = send(folder, port, "DCMTK")
-    return Result("dcmtk storescp", folder.name, n, folder_bytes(folder), ack)
+        ack = send(run.folders, port, "DCMTK")
+    return Result("dcmtk storescp", run.dataset, run.assocs, run.n, run.size, ack, syncs=strace_calls(trace))
 
 
-def run_orthanc(folder: Path, n: int, work: Path) -> Result:
+def run_orthanc(run: Run) -> Result:
     port, http = free_port(), free_port()
-    root = work / "orthanc"
+    root = run.work / "orthanc"
     root.mkdir()
     config = {
         "Name": "bench",
@@ -191,21 +277,23 @@ def run_orthanc(folder: Path, n: int, work: Path) -> Result:
     # the environment (storage_perf.md §3.7; upstream Orthanc builds disable it at compile
     # time): without it every response waits for a delayed ACK (~20 instances/s).
     env = {**os.environ, "TCP_NODELAY": "1"}
-    with process([ORTHANC, str(root / "orthanc.json")], env=env, log=work / "orthanc.log"):
+    trace = run.strace_file("orthanc")
+    with process([ORTHANC, str(root / "orthanc.json")], env=env, log=run.work / "orthanc.log", strace=trace):
         wait_for_echo(port, "ORTHANC")
-        ack = send(folder, port, "ORTHANC")
-    return Result("orthanc", folder.name, n, folder_bytes(folder), ack)
+        ack = send(run.folders, port, "ORTHANC")
+    return Result("orthanc", run.dataset, run.assocs, run.n, run.size, ack, syncs=strace_calls(trace))
 
 
-def run_pynetdicom(folder: Path, n: int, work: Path) -> Result:
+def run_pynetdicom(run: Run) -> Result:
     port = free_port()
-    out = work / "pynetdicom"
+    out = run.work / "pynetdicom"
     out.mkdir()
     cmd = [sys.executable, "-m", "pynetdicom", "storescp", str(port), "-od", str(out), "-aet", "PYNETDICOM"]
-    with process(cmd, log=work / "pynetdicom.log"):
+    trace = run.strace_file("pynetdicom")
+    with process(cmd, log=run.work / "pynetdicom.log", strace=trace):
         wait_for_echo(port, "PYNETDICOM")
-        ack = send(folder, port, "PYNETDICOM")
-    return Result("pynetdicom storescp", folder.name, n, folder_bytes(folder), ack)
+        ack = send(run.folders, port, "PYNETDICOM")
+    return Result("pynetdicom storescp", run.dataset, run.assocs, run.n, run.size, ack, syncs=strace_calls(trace))
 
 
 # -- main ------------------------------------------------------------------------------------
@@ -213,36 +301,58 @@ def run_pynetdicom(folder: Path, n: int, work: Path) -> Result:
 
 def table(results: list[Result]) -> str:
     lines = [
-        f"{'system':<22} {'dataset':<12} {'n':>5} {'ack inst/s':>11} {'ack MB/s':>9} {'complete inst/s':>16} {'complete MB/s':>14} {'last ack→record':>16}",
+        f"{'system':<20} {'dataset':<11} {'assocs':>6} {'n':>5} {'ack inst/s':>10} {'ack MB/s':>9} "
+        f"{'complete inst/s':>15} {'last ack→record':>15} {'spool syncs/inst':>16} {'syncs/inst (strace)':>19}",
     ]
     for r in results:
         gap = f"{r.recorded_s - r.ack_s:.2f} s" if r.recorded_s is not None else "-"
+        spool = f"{r.spool_syncs_per_instance:.2f}" if r.spool_syncs_per_instance is not None else "-"
+        traced = f"{r.syncs / r.n:.2f}" if r.syncs is not None else "-"
         lines.append(
-            f"{r.system:<22} {r.dataset:<12} {r.n:>5} {r.n / r.ack_s:>11.0f} {r.size / 1e6 / r.ack_s:>9.1f} "
-            f"{r.n / r.complete_s:>16.0f} {r.size / 1e6 / r.complete_s:>14.1f} {gap:>16}"
+            f"{r.system:<20} {r.dataset:<11} {r.assocs:>6} {r.n:>5} {r.n / r.ack_s:>10.0f} {r.size / 1e6 / r.ack_s:>9.1f} "
+            f"{r.n / r.complete_s:>15.0f} {gap:>15} {spool:>16} {traced:>19}"
         )
+    return "\n".join(lines)
+
+
+def ratios(results: list[Result]) -> str:
+    """dcmflow against the peers, per data set and association count (acknowledged and complete)."""
+    lines = ["dcmflow ÷ peer (instances/s; acknowledged, and complete = recorded for dcmflow vs acknowledged for the peer):"]
+    by = {(r.system, r.dataset, r.assocs): r for r in results}
+    for (system, dataset, assocs), ours in by.items():
+        if system != "dcmflow":
+            continue
+        parts = []
+        for peer in ("dcmtk storescp", "orthanc", "pynetdicom storescp"):
+            other = by.get((peer, dataset, assocs))
+            if other is not None:
+                parts.append(f"{peer.split()[0]} {other.ack_s / ours.ack_s:.2f}× ack, {other.ack_s / ours.complete_s:.2f}× complete")
+        lines.append(f"  {dataset:<11} {assocs:>2} assoc: " + "; ".join(parts))
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ct", type=int, default=500, help="512×512 CT instances (default 500)")
-    parser.add_argument("--small", type=int, default=2000, help="64×64 MR instances (default 2000)")
+    parser.add_argument("--ct", type=int, default=300, help="512×512 CT instances (default 300)")
+    parser.add_argument("--small", type=int, default=1000, help="64×64 MR instances (default 1000)")
     parser.add_argument("--data", type=Path, help="folder for the generated data (kept; default: temporary)")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list of {', '.join(SYSTEMS)}")
+    parser.add_argument("--assocs", default="1,10", help="comma list of concurrent association counts (default 1,10)")
     parser.add_argument("--workers", type=int, default=1, help="dcmflow ingest worker processes")
+    parser.add_argument("--strace", action="store_true", help="count fsync-family calls of every server (strace -c)")
     parser.add_argument("--json", action="store_true", help="print results as JSON too")
     args = parser.parse_args(argv)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = set(systems) - set(SYSTEMS)
     if unknown:
         parser.error(f"unknown systems: {', '.join(sorted(unknown))}")
+    assoc_counts = [int(a) for a in args.assocs.split(",") if a.strip()]
 
-    load_before = os.getloadavg()[0]
+    load_before = os.getloadavg()
     data_root = args.data or Path(tempfile.mkdtemp(prefix="dcmflow-bench-data-"))
     data = build_data(data_root, args.ct, args.small)
-    runners: dict[str, Callable[[Path, int, Path], Result]] = {
-        "dcmflow": lambda f, n, w: run_dcmflow(f, n, w, args.workers),
+    runners: dict[str, Callable[[Run], Result]] = {
+        "dcmflow": lambda run: run_dcmflow(run, args.workers),
         "dcmtk": run_dcmtk,
         "orthanc": run_orthanc,
         "pynetdicom": run_pynetdicom,
@@ -250,18 +360,30 @@ def main(argv: list[str] | None = None) -> int:
     results: list[Result] = []
     for name, folder in data.items():
         n = len(list(folder.glob("*.dcm")))
-        for system in systems:
-            work = Path(tempfile.mkdtemp(prefix=f"dcmflow-bench-{system}-"))
-            try:
-                r = runners[system](folder, n, work)
-                results.append(r)
-                print(f"{r.system:<20} {name:<6} ack {r.ack_s:6.2f} s  complete {r.complete_s:6.2f} s", file=sys.stderr)
-            finally:
-                shutil.rmtree(work, ignore_errors=True)
-    print(f"1-min load average at start: {load_before:.2f}; cores: {os.cpu_count()}")
+        for assocs in assoc_counts:
+            folders = split(folder, assocs)
+            for system in systems:
+                work = Path(tempfile.mkdtemp(prefix=f"dcmflow-bench-{system}-"))
+                try:
+                    r = runners[system](Run(folders, folder.name, n, folder_bytes(folder), work, args.strace))
+                    results.append(r)
+                    print(
+                        f"{r.system:<20} {name:<6} {assocs:>2} assoc  ack {r.ack_s:6.2f} s  complete {r.complete_s:6.2f} s"
+                        f"  load {os.getloadavg()[0]:.2f}",
+                        file=sys.stderr,
+                    )
+                finally:
+                    shutil.rmtree(work, ignore_errors=True)
+    load_after = os.getloadavg()
+    print(
+        f"load average (1/5/15 min) at start: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}; "
+        f"at end: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}; cores: {os.cpu_count()}"
+        + ("; servers under strace -c" if args.strace else "")
+    )
     print(table(results))
+    print(ratios(results))
     if args.json:
-        print(json.dumps([r.__dict__ for r in results], indent=2))
+        print(json.dumps([{**r.__dict__} for r in results], indent=2))
     if args.data is None:
         shutil.rmtree(data_root, ignore_errors=True)
     return 0

@@ -280,3 +280,55 @@ def test_depth_seen_from_another_process_counts_instances_and_bytes_per_worker_s
     Ingester(env.spool, env.store, env.repo, worker_index=1, worker_count=2).drain()
     assert status_view.depth() == (0, 0)
     assert not env.spool.has_files_of(assoc)
+
+
+def test_large_data_sets_stream_into_slots_and_a_void_slot_is_skipped(env: Env) -> None:
+    """After a large data set, the association's next ones are written into the log while they
+    arrive; one that outgrows its slot, or is dropped half-way, never becomes a record there."""
+    assoc = new_association_id()
+    size = receiver.spool.SLOT_FROM + 1000
+    first = env.spool.write(b"a" * size, sop_uid="1.2.1", association_id=assoc, calling_ae="CT")
+    with env.spool.open_entry(sop_uid="1.2.2", association_id=assoc, calling_ae="CT") as writer:
+        assert writer.streaming
+        for _ in range(size // 1000):
+            writer.write(b"b" * 1000)
+        assert writer.read_back(size // 1000 * 1000 - 2000) == b"b" * 2000
+        second = writer.commit()
+    with env.spool.open_entry(sop_uid="1.2.3", association_id=assoc, calling_ae="CT") as writer:
+        assert writer.streaming
+        writer.write(b"c" * size)
+        writer.write(b"c" * size)  # outgrows the slot: continues in memory
+        assert not writer.streaming
+        third = writer.commit()
+    with env.spool.open_entry(sop_uid="1.2.4", association_id=assoc, calling_ae="CT") as writer:
+        assert writer.streaming
+        writer.write(b"d" * 5000)  # the association ends here
+    last = env.spool.write(b"e", sop_uid="1.2.5", association_id=assoc, calling_ae="CT")
+    records = spooled(env.spool)
+    assert [(e, raw) for e, raw in records] == [
+        (first, b"a" * size),
+        (second, b"b" * (size // 1000 * 1000)),
+        (third, b"c" * 2 * size),
+        (last, b"e"),
+    ]
+    assert env.spool.depth() == (4, size + size // 1000 * 1000 + 2 * size + 1)
+
+
+def test_a_crash_while_a_slot_fills_keeps_the_records_acknowledged_after_it(env: Env) -> None:
+    """Another association's record, acknowledged while a large data set still streams into
+    its slot, survives a kill -9; the unfinished slot is dropped."""
+    slow, fast = new_association_id(), new_association_id()
+    size = receiver.spool.SLOT_FROM + 1000
+    env.spool.write(b"a" * size, sop_uid="1.2.1", association_id=slow, calling_ae="SLOW")
+    writer = env.spool.open_entry(sop_uid="1.2.2", association_id=slow, calling_ae="SLOW")
+    assert writer.streaming
+    writer.write(b"b" * (size // 2))
+    acked = env.spool.write(b"f" * 3000, sop_uid="1.3.1", association_id=fast, calling_ae="FAST")
+    crashed = _crash_copy(env)  # the SLOW data set never completed
+    writer.discard()
+    spool = Spool(crashed, min_free_bytes=0, min_free_fraction=0.0, segment_size=TEST_SEGMENT_SIZE)
+    found = spool.recover(1)
+    assert (found.pending, found.dropped) == (2, 1)
+    assert [(e.sop_uid, raw) for e, raw in spooled(spool)] == [("1.2.1", b"a" * size), ("1.3.1", b"f" * 3000)]
+    assert spooled(spool)[1][0] == acked
+    spool.close()
