@@ -4,7 +4,7 @@
   loopback (or any configured trusted network), configured peers (``Peer`` records with
   ``allow_send``, matched on AE title and host; over TLS only when the peer has ``tls``), or
   anyone when ``accept_any`` is set.
-* :class:`AssociationTracker` gives each association an id (the spool's file-name field), keeps
+* :class:`AssociationTracker` gives each association an id (stored in each spool record's header), keeps
   its counters for the one log line per association, and hands open/close facts to an
   :class:`AssociationFacts` sink. The sink writes in a background thread, so a slow or
   unreachable database never delays a C-STORE response; its errors are logged and swallowed.

@@ -331,8 +331,8 @@ def store_instance_object(
     item : InstanceIn
         The parsed instance (``object_key`` = :func:`storage.keys.instance_key`).
     spool_file : Path, optional
-        The durable, never-modified spool file holding ``raw``. With the local object store
-        the object is then a hard link to it (:meth:`storage.local.LocalObjectStore.put_file_if_absent`:
+        A durable (data synced), never-modified file holding ``raw``: ingest's staging file
+        of a spool record. With the local object store the object is then a hard link to it (:meth:`storage.local.LocalObjectStore.put_file_if_absent`:
         no second copy, no second data fsync). Never pass a user's file (an import): the
         object would share its inode.
     sync : bool

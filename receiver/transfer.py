@@ -15,8 +15,9 @@ this phase is small and fully specified, so one loop in the association's own th
   presentation context;
 * decode the command set (group 0000, implicit VR little endian, PS3.7 §6.3.1) and serve
   C-STORE-RQ through :class:`receiver.handlers.InstanceStore` (what pynetdicom's EVT_C_STORE
-  handler uses too), fragment by fragment: each data-set fragment goes to the spool file as it
-  arrives, so the disk works while the rest is on the wire; and C-ECHO-RQ; answer with the
+  handler uses too), fragment by fragment: each data-set fragment goes to the spool as it
+  arrives (straight into a slot of the log for large data sets, so the disk works while the rest
+  is on the wire); and C-ECHO-RQ; answer with the
   response command set pynetdicom would send, byte for byte (PS3.7 §9.3.1.2, §9.3.5.2; tests
   compare them);
 * A-RELEASE-RQ → A-RELEASE-RP (PS3.8 §7.2), then wait for the peer to close;

@@ -10,6 +10,7 @@ exactly what ingest sees when the server goes away; ``restore()`` listens on the
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import threading
 import time
@@ -324,6 +325,8 @@ def test_database_outage_keeps_spool_and_delivers_after_recovery(
     assert env.spool.count() == 0
     assert len(_lines(caplog, UNAVAILABLE, logging.ERROR)) == 1, caplog.text
     assert len(_lines(caplog, WORKS_AGAIN, logging.WARNING)) == 1, caplog.text
+    assert "backlog" in _lines(caplog, UNAVAILABLE, logging.ERROR)[0]  # how much waits, when it starts
+    assert "backlog" in _lines(caplog, WORKS_AGAIN, logging.WARNING)[0]  # and what it left
     assert ingest.ingester._outage is None
     _assert_stored(env, first + second)
 
@@ -370,4 +373,39 @@ def test_database_cut_inside_a_record_transaction_is_retried_whole(
     assert sum(r.duplicate + r.new_version for r in reports) == 0
     assert len(_lines(caplog, UNAVAILABLE, logging.ERROR)) == 1, caplog.text
     assert len(_lines(caplog, WORKS_AGAIN, logging.WARNING)) == 1, caplog.text
+    _assert_stored(env, series)
+
+
+def test_a_frozen_database_is_logged_when_it_stops_answering_and_when_it_answers_again(
+    env: Env, scp: RunningScp, outage_db: OutageDb, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No error at all, just no answer (a lock held elsewhere): after ``stall_seconds`` the
+    worker logs the outage with the spool's backlog, and logs its end with the time it took."""
+    caplog.set_level(logging.INFO, logger="receiver.ingest")
+    db = outage_db
+    series = make_small_series(10, seed=74)
+    stop = threading.Event()
+    options = IngestOptions(batch_size=20, backoff_max=0.5, stall_seconds=0.5)
+    ingest = IngestThread(Ingester(env.spool, env.store, db.repo, options=options, should_stop=stop.is_set), stop)
+    blocker = db.direct.connect()
+    try:
+        transaction = blocker.begin()
+        blocker.exec_driver_sql("LOCK TABLE instance IN ACCESS EXCLUSIVE MODE")  # every insert now waits
+        assoc = _associate(scp.port)
+        for ds in series:
+            assert assoc.send_c_store(ds).Status == status.SUCCESS
+        assoc.release()
+        ingest.wait_until(lambda: bool(_lines(caplog, UNAVAILABLE, logging.ERROR)), "the stall to be logged")
+        (started,) = _lines(caplog, UNAVAILABLE, logging.ERROR)
+        assert "no answer for" in started and f"backlog {len(series)} instances" in started, started
+        assert db.repo.failures == 0  # nothing failed: it hangs
+        transaction.rollback()  # the lock goes: the waiting transaction goes through
+        ingest.wait_until(lambda: db.recorded(series) == len(series), "the series to be recorded")
+        ingest.wait_until(lambda: bool(_lines(caplog, WORKS_AGAIN, logging.WARNING)), "the end to be logged")
+    finally:
+        blocker.close()
+        ingest.finish()
+    (ended,) = _lines(caplog, WORKS_AGAIN, logging.WARNING)
+    assert re.search(r"works again after \d+\.\d s; backlog \d+ instances? \([\d.]+ MB\) in the spool", ended), ended
+    assert env.spool.count() == 0
     _assert_stored(env, series)
