@@ -621,6 +621,14 @@ class Spool:
             self._head_fd = os.open(self.head_path, os.O_RDWR | os.O_CREAT, 0o644)
         self._publish_head(end)
         self._current = self._prepare((max(seqs) if seqs else 0) + 1)
+        # The next segment too, before the first association: on a new spool that is where the
+        # zero-filling happens (later segments are mostly reused ones).
+        with self._prep_lock:
+            if self._next is None:
+                try:
+                    self._next = self._prepare(self._current.seq + 1)
+                except SpoolFullError:
+                    pass  # the keeper tries again; appends answer 0xA700 meanwhile if need be
         self._started = True
         self._keeper_stop.clear()
         self._keeper = threading.Thread(target=self._keep, name="spool-keeper", daemon=True)
@@ -704,13 +712,21 @@ class Spool:
         return nxt
 
     def _keep(self) -> None:
-        """Keeper thread: reuse segments every worker has passed, prepare the next one ahead."""
+        """Keeper thread: reuse segments every worker has passed, prepare the next one ahead
+        (a rollover that finds none prepares it itself, holding up appends meanwhile)."""
         while not self._keeper_stop.wait(_KEEPER_INTERVAL):
             try:
                 self._recycle()
                 with self._prep_lock:
                     current = self._current
-                    if current is not None and self._next is None and not self._keeper_stop.is_set():
+                    # Only once the current segment is half full: by then ingest has usually
+                    # passed the previous one, which is reused instead of writing a new one.
+                    if (
+                        current is not None
+                        and self._next is None
+                        and current.used >= current.capacity // 2
+                        and not self._keeper_stop.is_set()
+                    ):
                         self._next = self._prepare(current.seq + 1)
                 self._full_logged = False
             except SpoolFullError as exc:

@@ -78,6 +78,8 @@ def build_data(root: Path, n_ct: int, n_small: int) -> dict[str, Path]:
     sets = {"ct": (n_ct, lambda: make_ct_series(n_ct, 512, 512, seed=1)), "small": (n_small, lambda: make_small_series(n_small, 64, 64, seed=2))}
     out = {}
     for name, (n, make) in sets.items():
+        if n <= 0:
+            continue  # --ct 0 / --small 0: leave that set out
         folder = root / f"{name}-{n}"
         if not (folder.is_dir() and len(list(folder.glob("*.dcm"))) == n):
             shutil.rmtree(folder, ignore_errors=True)
