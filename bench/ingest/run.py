@@ -15,8 +15,10 @@ SQLite database until every instance is recorded (objects are durable before rec
 is "objects + records complete") and reports the time from the last acknowledgement to the
 last record, and the spool's own count of ``fdatasync`` calls per acknowledged instance (from
 the receiver's log line at stop). With ``--strace`` every server runs under
-``strace -f -c --seccomp-bpf`` counting ``fsync``, ``fdatasync``, ``syncfs``, ``msync`` and
-``sync_file_range`` of all its processes (which slows the calls it counts a little).
+``strace -f -c --seccomp-bpf`` and the table gives the calls that wait for the disk
+(``fsync``, ``fdatasync``, ``syncfs``, ``msync``) of all its processes per instance: for
+dcmflow that is the SCP's spool, ingest (object data and names, read marks) and SQLite
+(tracing slows the calls it counts a little).
 Timings are printed, never asserted (DESIGN.md: bench/ prints figures).
 """
 
@@ -146,7 +148,7 @@ class Result:
     size: int
     ack_s: float
     recorded_s: float | None = None
-    syncs: int | None = None  # fsync-family calls of all the server's processes (--strace)
+    syncs: int | None = None  # fsync, fdatasync, syncfs, msync calls of all the server's processes (--strace)
     spool_syncs_per_instance: float | None = None  # dcmflow: the spool's fdatasyncs per acknowledged instance
 
     @property
@@ -184,14 +186,20 @@ def process(
                 proc.wait()
 
 
+FLUSHES = ("fsync", "fdatasync", "syncfs", "msync")
+"""Calls that wait for the disk (``sync_file_range`` as used here only starts write-back)."""
+
+
 def strace_calls(path: Path | None) -> int | None:
-    """Total calls in an ``strace -c`` summary file."""
+    """Calls of :data:`FLUSHES` in an ``strace -c`` summary file."""
     if path is None or not path.exists():
         return None
-    match = re.search(r"^\s*100\.00\s+\S+\s+\S+\s+(\d+)", path.read_text(), re.M)
-    if match:
-        return int(match.group(1))
-    return sum(int(m.group(1)) for m in re.finditer(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)", path.read_text(), re.M))
+    calls = 0
+    for line in path.read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 5 and fields[-1] in FLUSHES and fields[3].isdigit():
+            calls += int(fields[3])
+    return calls
 
 
 @dataclass(frozen=True)
@@ -304,7 +312,7 @@ def run_pynetdicom(run: Run) -> Result:
 def table(results: list[Result]) -> str:
     lines = [
         f"{'system':<20} {'dataset':<11} {'assocs':>6} {'n':>5} {'ack inst/s':>10} {'ack MB/s':>9} "
-        f"{'complete inst/s':>15} {'last ack→record':>15} {'spool syncs/inst':>16} {'syncs/inst (strace)':>19}",
+        f"{'complete inst/s':>15} {'last ack→record':>15} {'spool syncs/inst':>16} {'flushes/inst (strace)':>21}",
     ]
     for r in results:
         gap = f"{r.recorded_s - r.ack_s:.2f} s" if r.recorded_s is not None else "-"
@@ -312,7 +320,7 @@ def table(results: list[Result]) -> str:
         traced = f"{r.syncs / r.n:.2f}" if r.syncs is not None else "-"
         lines.append(
             f"{r.system:<20} {r.dataset:<11} {r.assocs:>6} {r.n:>5} {r.n / r.ack_s:>10.0f} {r.size / 1e6 / r.ack_s:>9.1f} "
-            f"{r.n / r.complete_s:>15.0f} {gap:>15} {spool:>16} {traced:>19}"
+            f"{r.n / r.complete_s:>15.0f} {gap:>15} {spool:>16} {traced:>21}"
         )
     return "\n".join(lines)
 
