@@ -10,7 +10,6 @@ normal along which slices are ordered.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,15 +18,22 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydantic_settings import BaseSettings
 
 __all__ = ["Slice", "data_dir", "series_folder", "output_dir", "read_slices", "orientation_key", "sort_slices"]
 
 Vector = tuple[float, float, float]
 
 
+class _JobEnvironment(BaseSettings):
+    """What dcmflow (like dcm-processor) gives a job's process: ``DATA``, its working folder."""
+
+    data: Path = Path(".")
+
+
 def data_dir() -> Path:
     """``$DATA``: the job's working folder (the current folder when run by hand)."""
-    return Path(os.environ.get("DATA", "."))
+    return _JobEnvironment().data
 
 
 def series_folder(headers: Mapping[str, Any]) -> Path:

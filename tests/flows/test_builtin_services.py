@@ -1,7 +1,7 @@
 """The built-in services, enabled the way a user enables them, run through the real process-series
 flow on a real Prefect server: forward sends a CT series to a real DICOM peer (DCMTK storescp)
-by its rules and leaves the MR series alone, saying why; what the jobs ask to show appears as
-artifacts on the flow run."""
+by its rules and leaves the MR series alone, saying why; what preview and qc ask to show appears
+as artifacts on the flow run."""
 
 from __future__ import annotations
 
@@ -46,6 +46,8 @@ def builtin_run(prefect_server, tmp_path_factory: pytest.TempPathFactory):  # ty
         rules = [{"peer": "pacs", "modality": "CT", "calling_ae": ["CT_ROOM_3", "CT_ROOM_4"]}]
         dirs = {"services_dir": home.settings.services_dir, "repository": home.repo, "store": home.store}
         enable_service("forward", params={"rules": rules}, **dirs)
+        enable_service("preview", **dirs)
+        enable_service("qc", **dirs)
         with home.environ(), prefect_client_env(prefect_server):
             states = {uid: process_series(uid, return_state=True) for uid in (ct_uid, mr_uid)}
     return BuiltinRun(home, ct_uid, mr_uid, states, received, [str(ds.SOPInstanceUID) for ds in ct])
@@ -65,7 +67,7 @@ def test_forward_sends_the_series_its_rules_match_to_the_peer(builtin_run: Built
 def test_forward_leaves_a_series_no_rule_matches_and_says_why(builtin_run: BuiltinRun, prefect_api) -> None:  # type: ignore[no-untyped-def]
     run = builtin_run
     assert run.states[run.mr_uid].is_completed(), run.states[run.mr_uid].message
-    assert [j.job_name for j in run.home.repo.list_jobs(run.mr_uid)] == []
+    assert "forward" not in [j.job_name for j in run.home.repo.list_jobs(run.mr_uid)]
     (dag,) = artifacts_of(run.states[run.mr_uid], artifact_key("series", run.mr_uid).replace("jobs-", "dag-", 1))
     not_selected = dag.data.split("## Not selected", 1)[1]
     assert "`forward` (forward)" in not_selected and "no rule matches modality 'MR', caller 'MR_ROOM_1'" in not_selected
@@ -77,6 +79,18 @@ def test_a_disabled_service_no_longer_runs(builtin_run: BuiltinRun, prefect_api)
     with run.home.environ():
         state = process_series(run.ct_uid, return_state=True)
     assert state.is_completed(), state.message
-    sessions = {j.session_id for j in run.home.repo.list_jobs(run.ct_uid)}
-    assert len(sessions) == 1  # only the first session ran jobs; the new one planned none
+    jobs = run.home.repo.list_jobs(run.ct_uid)
+    newest = max(j.session_id for j in jobs)
+    assert sorted(j.job_name for j in jobs if j.session_id == newest) == ["preview", "qc"]  # forward is off
     assert not artifacts_of(state, job_artifact_key("forward", "series", run.ct_uid))
+
+
+def test_preview_and_qc_show_on_the_flow_run(builtin_run: BuiltinRun, prefect_api) -> None:  # type: ignore[no-untyped-def]
+    run = builtin_run
+    for uid in (run.ct_uid, run.mr_uid):
+        states = {j.job_name: j.state for j in run.home.repo.list_jobs(uid) if j.job_name in {"preview", "qc"}}
+        assert states == {"preview": "succeeded", "qc": "succeeded"}, states
+        (preview,) = artifacts_of(run.states[uid], job_artifact_key("preview", "series", uid))
+        assert preview.data.count("](data:image/png;base64,") >= 1
+        (qc,) = artifacts_of(run.states[uid], job_artifact_key("qc", "series", uid))
+        assert qc.data.startswith("# QC") and uid in qc.data
