@@ -322,7 +322,9 @@ def test_headers_come_from_the_index_without_reading_pixel_data(
     assert after.headers == before.headers
     first = repo.list_instances(series)[0]
     direct = headers_from_dataset(
-        pydicom.dcmread(io.BytesIO(store.get(first.object_key)), stop_before_pixels=True), dcmpath=after.headers["dcmpath"]
+        pydicom.dcmread(io.BytesIO(store.get(first.object_key)), stop_before_pixels=True),
+        dcmpath=after.headers["dcmpath"],
+        calling_ae=repo.get_series(series).calling_ae,  # type: ignore[union-attr]
     )
     assert after.headers == direct and after.headers["TransferSyntaxUID"] == "1.2.840.10008.1.2.1"
 
