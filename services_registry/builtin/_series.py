@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydantic_settings import BaseSettings
 
-__all__ = ["Slice", "data_dir", "series_folder", "output_dir", "read_slices", "orientation_key", "sort_slices"]
+__all__ = ["Slice", "data_dir", "series_folder", "output_dir", "read_slices", "series_slices", "orientation_key", "sort_slices"]
 
 Vector = tuple[float, float, float]
 
@@ -111,6 +111,23 @@ def read_slices(folder: Path, *, pixels: bool = False) -> list[Slice]:
                 orientation=_floats(ds.get("ImageOrientationPatient"), 6),  # type: ignore[arg-type]
             )
         )
+    return slices
+
+
+def series_slices(headers: Mapping[str, Any]) -> list[Slice]:
+    """The slices (headers only) of the series at ``$DATA/<dcmpath>``.
+
+    Raises
+    ------
+    FileNotFoundError
+        The folder is missing or holds no DICOM instance.
+    """
+    folder = series_folder(headers)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"series folder {headers['dcmpath']} does not exist under $DATA")
+    slices = read_slices(folder)
+    if not slices:
+        raise FileNotFoundError(f"no DICOM instances in {headers['dcmpath']}")
     return slices
 
 

@@ -24,7 +24,7 @@ import dcm2niix
 import nibabel
 
 from services_registry import Service
-from services_registry.builtin._series import Slice, data_dir, output_dir, read_slices, series_folder
+from services_registry.builtin._series import series_slices, Slice, data_dir, output_dir, read_slices, series_folder
 
 __all__ = ["service", "nifti", "select_volumes", "skip_reason", "is_localizer", "output_name", "DCM2NIIX_TIMEOUT"]
 
@@ -189,12 +189,8 @@ def nifti(jobName: str, headers: dict[str, Any], params: dict[str, Any], added_p
     RuntimeError
         dcm2niix failed, timed out or wrote no NIfTI (with its own error lines).
     """
+    slices = series_slices(headers)
     folder = series_folder(headers)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"series folder {headers['dcmpath']} does not exist under $DATA")
-    slices = read_slices(folder)
-    if not slices:
-        raise FileNotFoundError(f"no DICOM instances in {headers['dcmpath']}")
     reason = skip_reason(slices)
     if reason is not None:
         print(f"nifti: skipped {headers['dcmpath']}: {reason}")

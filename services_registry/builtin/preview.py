@@ -41,7 +41,7 @@ from services_registry.builtin._preview_render import (
     render,
     transfer_syntax,
 )
-from services_registry.builtin._series import Slice, data_dir, output_dir, read_slices, series_folder, sort_slices
+from services_registry.builtin._series import series_slices, Slice, data_dir, output_dir, series_folder, sort_slices
 
 __all__ = [
     "service",
@@ -197,12 +197,8 @@ def preview(jobName: str, headers: dict[str, Any], params: dict[str, Any], added
     UndecodablePixels
         The decoders rejected the pixel data (their messages on one line).
     """
+    slices = series_slices(headers)
     folder = series_folder(headers)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"series folder {headers['dcmpath']} does not exist under $DATA")
-    slices = read_slices(folder)
-    if not slices:
-        raise FileNotFoundError(f"no DICOM instances in {headers['dcmpath']}")
     entries = stack(slices)
     if not entries:
         return _skip(headers, "no image instances (no Rows/Columns): nothing to preview")
