@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from dcmflow.settings import Settings
     from dcmflow.stack_state import StackState
 
-__all__ = ["demo", "send_study", "DEMO_AE_TITLE", "DEFAULT_TIMEOUT", "EXAMPLE_SERVICE"]
+__all__ = ["demo", "send_study", "DEMO_AE_TITLE", "DEFAULT_TIMEOUT", "DEMO_SERVICES"]
 
 DEMO_AE_TITLE = "DCMFLOW-DEMO"
 """Calling AE title of the demo's C-STORE SCU (accepted as a loopback or trusted caller)."""
@@ -49,8 +49,8 @@ DEMO_AE_TITLE = "DCMFLOW-DEMO"
 DEFAULT_TIMEOUT = 300.0
 """Seconds ``dcmflow demo`` follows the study before giving up."""
 
-EXAMPLE_SERVICE = "series-summary"
-"""Install name of the example service, installed when no service is."""
+DEMO_SERVICES = ("preview", "qc")
+"""Built-in services the demo enables when no service was ever installed: images and a report."""
 
 POLL_SECONDS = 0.5
 _OK_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}  # Success and the C-STORE warnings (PS3.4 B.2.3)
@@ -129,26 +129,26 @@ def send_study(series: Sequence[Sequence[Dataset]], host: str, port: int, ae_tit
     return sent
 
 
-def _install_example_if_none(settings: Settings, repository: Repository) -> None:
-    """Without a service nothing would run; the example one makes the demo show jobs."""
+def _enable_builtins_if_none(settings: Settings, repository: Repository) -> None:
+    """On a new install nothing would run: enable the built-in preview and QC services, so the
+    demo's flow runs show images and a report in the Prefect UI. A stack where any service was
+    ever installed or enabled (disabled ones included) is left as its user set it."""
     from services_registry.errors import RegistryError
-    from services_registry.examples import FOLDER_EXAMPLE
-    from services_registry.install import install_service
-    from services_registry.load import load_service
+    from services_registry.install import enable_service
     from storage.errors import StorageError
 
     from dcmflow.wiring import object_store_from
 
-    try:
-        if repository.list_services():
-            return
-        spec = load_service(str(FOLDER_EXAMPLE), name=EXAMPLE_SERVICE)
-        result = install_service(spec, services_dir=settings.services_dir, repository=repository,
-                                 store=object_store_from(settings))
-    except (RegistryError, StorageError) as exc:
-        fail(f"cannot install the example service: {exc}")
-    info(f"no service was installed: installed the example service {result.name} "
-         f"(version {result.version}; jobs: {', '.join(result.jobs)})")
+    if repository.list_services(include_inactive=True):
+        return
+    store = object_store_from(settings)
+    for name in DEMO_SERVICES:
+        try:
+            result = enable_service(name, services_dir=settings.services_dir, repository=repository, store=store)
+        except (RegistryError, StorageError) as exc:
+            fail(f"cannot enable the built-in service {name}: {exc}")
+        info(f"no service was installed: enabled the built-in service {result.name} "
+             f"(`dcmflow services disable {result.name}` turns it off)")
 
 
 @dataclass(frozen=True)
@@ -295,18 +295,34 @@ def _local_times(job: JobPublic) -> dict[str, Any]:
     return row
 
 
+def _artifact_links(snap: _Snapshot, sessions: list[SessionPublic], ui: str) -> list[tuple[str, str, str]]:
+    """(series UID, job, UI link) of each artifact the demo's services put on their runs: the
+    preview images and the QC report, where a newcomer clicks first."""
+    from tasks.artifacts import job_artifact_key
+
+    found = []
+    for session in sessions:
+        for job in snap.jobs.get(session.id, []):
+            if session.series_uid and job.job_name in DEMO_SERVICES and job.state == "succeeded":
+                key = job_artifact_key(job.job_name, "series", session.series_uid)
+                found.append((session.series_uid, job.job_name, f"{ui}/artifacts/key/{key}"))
+    return found
+
+
 def _report(snap: _Snapshot, sent: _Sent, state: StackState, as_json: bool) -> None:
     """The job table, the flow run links, and the exit code (1 unless every run completed)."""
     sessions = [s for s in (snap.session_of(t) for t in snap.targets()) if s is not None]
     jobs = sorted((j for s in sessions for j in snap.jobs.get(s.id, [])), key=lambda j: j.id)
-    links = {s.id: f"{state.ui_url.rstrip('/')}/runs/flow-run/{s.flow_run_id}" if s.flow_run_id else None
-             for s in sessions}
+    ui = state.ui_url.rstrip("/")
+    links = {s.id: f"{ui}/runs/flow-run/{s.flow_run_id}" if s.flow_run_id else None for s in sessions}
+    shown = _artifact_links(snap, sessions, ui)
     if as_json:
         typer.echo(json.dumps({
             "study_uid": sent.study_uid,
             "series": [s.model_dump(mode="json") for s in snap.series.values() if s is not None],
             "sessions": [{**s.model_dump(mode="json"), "url": links[s.id]} for s in sessions],
             "jobs": [j.model_dump(mode="json") for j in jobs],
+            "artifacts": [{"series_uid": uid, "job": job, "url": url} for uid, job, url in shown],
         }, indent=2))
     else:
         emit([_local_times(j) for j in jobs], False, columns=JOB_COLUMNS, title="jobs of the demo study")
@@ -314,6 +330,8 @@ def _report(snap: _Snapshot, sent: _Sent, state: StackState, as_json: bool) -> N
             target = sent.label(session.series_uid)
             stdout.print(f"{session.state:>9}  {target}  {links[session.id] or '(no flow run id)'}",
                          markup=False, highlight=False, soft_wrap=True)
+        for uid, job, url in shown:
+            stdout.print(f"{job:>9}  {sent.label(uid)}  {url}", markup=False, highlight=False, soft_wrap=True)
     bad = [s for s in sessions if s.state != "completed"]
     if bad:
         failed = [j for s in bad for j in snap.jobs.get(s.id, []) if j.state not in _NOT_FAILURES]
@@ -331,8 +349,8 @@ def demo(
     """Send a synthetic CT study to the running stack and follow it until its flow runs finish.
 
     Needs `dcmflow up` running for the same DCMFLOW_HOME. The demo makes a fresh two-series
-    CT study (patient DEMO^CT, 20 slices of 128x128 each), installs the example service if no
-    service is installed, sends the study with C-STORE as a modality would, then shows each
+    CT study (patient DEMO^CT, 20 slices of 128x128 each), enables the built-in preview and qc
+    services if no service was ever installed, sends the study with C-STORE as a modality would, then shows each
     step from the records database: instances recorded, series stable, flow runs started and
     finished. At the end it prints the job table and a Prefect UI link per flow run.
 
@@ -356,7 +374,7 @@ def demo(
     if describe_database(settings) != state.database:
         info(f"warning: the stack records into {state.database}, this shell's settings into "
              f"{describe_database(settings)}: run the demo with the same DCMFLOW_* variables as `dcmflow up`")
-    _install_example_if_none(settings, repository)
+    _enable_builtins_if_none(settings, repository)
 
     study = make_ct_study()
     sent = _Sent.of(study)

@@ -29,6 +29,7 @@ import typer
 from typer.testing import CliRunner, Result
 
 from dcmflow.cli import demo
+from dcmflow.cli.services import app as services_app
 from dcmflow.settings import Settings
 from dcmflow.stack_state import StackState, write_state
 from dcmflow.synthetic import DEMO_SERIES, make_ct_study, to_p10_bytes
@@ -133,9 +134,23 @@ def test_nobody_listening_is_one_line(tmp_path: Path, monkeypatch: pytest.Monkey
     assert result.exit_code == 1
     line = _one_error_line(result.output)
     assert "no DICOM receiver answered at DCMFLOW@127.0.0.1:" in line
-    # Before sending it installed the example service, so the flows have something to run.
-    assert "installed the example service series-summary" in result.output
-    assert [s.name for s in repository_from(Settings(home=tmp_path)).list_services()] == ["series-summary"]
+    # Before sending it enabled the built-in preview and QC, so the flows have something to show.
+    assert "enabled the built-in service preview" in result.output
+    assert "enabled the built-in service qc" in result.output
+    assert sorted(s.name for s in repository_from(Settings(home=tmp_path)).list_services()) == ["preview", "qc"]
+
+
+def test_a_stack_with_services_is_left_as_its_user_set_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DCMFLOW_HOME", str(tmp_path))
+    _write_state(tmp_path, 1, pid=os.getpid())
+    repository = repository_from(Settings(home=tmp_path))
+    assert runner.invoke(services_app, ["enable", "preview"]).exit_code == 0
+    assert runner.invoke(services_app, ["disable", "preview"]).exit_code == 0
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        result = _invoke("--port", str(closed.getsockname()[1]), "--timeout", "5")
+    assert result.exit_code == 1 and "enabled the built-in" not in result.output
+    assert repository.list_services() == []  # the disabled preview stays off, qc stays unused
 
 
 @dataclass
@@ -214,8 +229,8 @@ def _play_up(repository: Repository, since: dt.datetime, failing_error: str | No
     for series_uid in [s.series_uid for s in series] + [None]:
         session = repository.create_session(series_uid=series_uid, study_uid=study_uid, revision=1,
                                             trigger="test", flow_run_id=str(uuid.uuid4()))
-        (job,) = repository.create_jobs(session.id, [JobBase(service_name="series-summary", service_version=1,
-                                                             job_name="series-summary")])
+        name = "preview" if series_uid else "study-report"  # preview: the demo links its artifact
+        (job,) = repository.create_jobs(session.id, [JobBase(service_name=name, service_version=1, job_name=name)])
         repository.update_job(job.id, state="running", attempts=1)
         time.sleep(0.6)  # a poll sees it running
         fails = failing_error is not None and series_uid is None
@@ -245,13 +260,16 @@ def test_follows_the_flow_runs_to_the_end(stack_env: Stack, failing_error: str |
         assert all(re.fullmatch(r"http://127\.0\.0\.1:9/runs/flow-run/[0-9a-f-]{36}", s["url"]) for s in out["sessions"])
         assert [j["state"] for j in out["jobs"]] == ["succeeded"] * 3
         assert len(out["series"]) == 2 and out["study_uid"]
+        assert sorted(a["url"] for a in out["artifacts"]) == sorted(
+            f"http://127.0.0.1:9/artifacts/key/preview-series-{s['series_uid'].replace('.', '-')}" for s in out["series"])
     else:
         assert result.exit_code == 1, result.output
         line = _one_error_line(result.stderr)
         assert "1 of 3 flow runs did not complete" in line
-        assert "job series-summary failed: boom: no such file" in line
+        assert "job study-report failed: boom: no such file" in line
         assert "jobs of the demo study" in result.stdout  # the job table, then one link per run
         assert result.stdout.count("/runs/flow-run/") == 3
+        assert result.stdout.count("/artifacts/key/preview-series-") == 2  # where to click for the images
 
 
 def test_help_teaches() -> None:
