@@ -20,22 +20,59 @@ group ``dcmflow.services`` (:func:`load_entry_points`). :func:`evaluate_callback
 which jobs run, exactly as dcm-processor's scheduler did; :func:`plan_dag` orders them.
 """
 
-from services_registry.api import Job, Service
-from services_registry.callbacks import Evaluation, RejectedJob, SelectedJob, evaluate_callbacks
-from services_registry.dag import Plan, PlanNode, plan_dag, to_mermaid
-from services_registry.entrypoints import ENTRY_POINT_GROUP, load_entry_points
-from services_registry.errors import (
-    CycleError,
-    InstallError,
-    PlanError,
-    RegistryError,
-    ServiceNotFoundError,
-    ServiceValidationError,
-)
-from services_registry.headers import headers_from_dataset
-from services_registry.load import check_service, load_service
-from services_registry.runtime import LoadedService
-from services_registry.spec import PRIORITY_RANKS, JobSpec, ServiceSpec, parse_duration, priority_rank
+import importlib as _importlib
+import sys as _sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from services_registry.api import Job, Service
+    from services_registry.callbacks import Evaluation, RejectedJob, SelectedJob, evaluate_callbacks
+    from services_registry.dag import Plan, PlanNode, plan_dag, to_mermaid
+    from services_registry.entrypoints import ENTRY_POINT_GROUP, load_entry_points
+    from services_registry.errors import (
+        CycleError,
+        InstallError,
+        PlanError,
+        RegistryError,
+        ServiceNotFoundError,
+        ServiceValidationError,
+    )
+    from services_registry.headers import headers_from_dataset
+    from services_registry.load import check_service, load_service
+    from services_registry.runtime import LoadedService
+    from services_registry.spec import PRIORITY_RANKS, JobSpec, ServiceSpec, parse_duration, priority_rank
+
+# Names are imported on first use (PEP 562): the callback process (services_registry.callback_host)
+# imports this package, and must not pay for pydicom and the rest at every start.
+_HOMES = {
+    "Service": "api", "Job": "api",
+    "Evaluation": "callbacks", "RejectedJob": "callbacks", "SelectedJob": "callbacks",
+    "evaluate_callbacks": "callbacks",
+    "Plan": "dag", "PlanNode": "dag", "plan_dag": "dag", "to_mermaid": "dag",
+    "ENTRY_POINT_GROUP": "entrypoints", "load_entry_points": "entrypoints",
+    "CycleError": "errors", "InstallError": "errors", "PlanError": "errors", "RegistryError": "errors",
+    "ServiceNotFoundError": "errors", "ServiceValidationError": "errors",
+    "headers_from_dataset": "headers",
+    "check_service": "load", "load_service": "load",
+    "LoadedService": "runtime",
+    "PRIORITY_RANKS": "spec", "JobSpec": "spec", "ServiceSpec": "spec", "parse_duration": "spec",
+    "priority_rank": "spec",
+}
+
+
+def __getattr__(name: str) -> object:
+    """Import the module that defines ``name`` when it is first asked for."""
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(_importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    """The exported names and the submodules imported so far (as without lazy imports)."""
+    return sorted({*__all__, *(name for name in globals() if f"{__name__}.{name}" in _sys.modules)})
+
 
 __all__ = [
     # registering services
