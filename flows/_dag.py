@@ -5,7 +5,8 @@ priority and a dependent submitted early would sit in a pool thread, or stay ``P
 for ever when its upstream failed:
 
 * a job is submitted only when every dependency *succeeded*; among ready jobs the highest
-  priority rank first, then ``sortPosition``, then ``jobName`` (the planner's ready order);
+  priority rank first, then ``sortPosition``, then ``jobName`` (the planner's ready order:
+  both take jobs from :class:`services_registry.graph.ReadyQueue`);
 * at most ``max_parallel`` jobs run at once;
 * a job whose dependency failed, timed out or was skipped is *skipped* (recorded, never run);
 * ``fut.wait()`` before reading a finished future's state (it can be stale before).
@@ -24,6 +25,7 @@ from typing import Any
 from prefect import get_run_logger
 from prefect.futures import PrefectFuture, as_completed
 
+from services_registry.graph import ReadyQueue, ready_key
 from tasks.context import PlannedJob, PlannedRun, SessionRun
 from tasks.dispatch import DEFAULT_CHANNEL, dispatch_job, flow_run_work_pool
 from tasks.errors import JobTimedOutError
@@ -68,6 +70,10 @@ def run_dag(settings: Any, run: SessionRun, planned: PlannedRun, max_parallel: i
     pool = _channel_pool(planned.jobs)
     jobs = {job.name: job for job in planned.jobs}
     order = [job.name for job in planned.jobs]
+    queue = ReadyQueue(
+        {name: job.depends_on for name, job in jobs.items()},
+        lambda name: ready_key(jobs[name].rank, jobs[name].sort_position, name),
+    )
     outcome = DagOutcome()
     running: dict[PrefectFuture[Any], str] = {}
     sends: list[tuple[str, PrefectFuture[Any]]] = []
@@ -87,16 +93,8 @@ def run_dag(settings: Any, run: SessionRun, planned: PlannedRun, max_parallel: i
                     changed = True
         if skipped:
             record_skipped(settings, skipped)
-        busy = set(running.values())
-        ready = [
-            name
-            for name in order
-            if name not in outcome.status
-            and name not in busy
-            and all(outcome.status.get(d) == "succeeded" for d in jobs[name].depends_on)
-        ]
-        ready.sort(key=lambda n: (-jobs[n].rank, jobs[n].sort_position, n))
-        for name in ready[: max(0, max_parallel - len(running))]:
+        while queue and len(running) < max_parallel:
+            name = queue.pop()
             job = jobs[name]
             if pool is not None and job.channel != DEFAULT_CHANNEL:
                 future = dispatch_job.with_options(
@@ -114,6 +112,7 @@ def run_dag(settings: Any, run: SessionRun, planned: PlannedRun, max_parallel: i
         done.wait()
         if done.state.is_completed():
             outcome.status[name] = "succeeded"
+            queue.done(name)
             result = done.result()
             outcome.results[name] = result
             if result.get("storage"):

@@ -9,16 +9,16 @@ dependencies before them): everything in one level may run at the same time.
 
 from __future__ import annotations
 
-import heapq
+import graphlib
 import re
 from collections.abc import Iterable
 
 from pydantic import BaseModel, ConfigDict
 
 from services_registry.callbacks import SelectedJob
+from services_registry import graph
 from services_registry.errors import PlanError
 from services_registry.spec import JobSpec
-from services_registry.validate import find_cycle
 
 __all__ = ["PlanNode", "Plan", "plan_dag", "to_mermaid", "ready_key"]
 
@@ -59,7 +59,7 @@ class Plan(BaseModel):
 
 def ready_key(job: JobSpec) -> tuple[int, float, str]:
     """Sort key among ready jobs: higher priority rank, then lower sortPosition, then jobName."""
-    return (-job.priority_rank, float(job.sort_position), job.job_name)
+    return graph.ready_key(job.priority_rank, job.sort_position, job.job_name)
 
 
 def plan_dag(jobs: Iterable[JobSpec | SelectedJob]) -> Plan:
@@ -83,27 +83,14 @@ def plan_dag(jobs: Iterable[JobSpec | SelectedJob]) -> Plan:
         for dep in spec.depends_on:
             if dep not in specs:
                 raise PlanError(f"job {spec.job_name!r} depends on {dep!r}, which is not planned")
-    cycle = find_cycle({name: spec.depends_on for name, spec in specs.items()})
-    if cycle:
-        raise PlanError("dependency cycle " + " -> ".join(cycle))
-
-    dependents: dict[str, list[str]] = {name: [] for name in specs}
-    waiting = {name: len(spec.depends_on) for name, spec in specs.items()}
-    for name, spec in specs.items():
-        for dep in spec.depends_on:
-            dependents[dep].append(name)
-    ready = [(ready_key(spec), name) for name, spec in specs.items() if not spec.depends_on]
-    heapq.heapify(ready)
-    order: list[str] = []
+    depends = {name: spec.depends_on for name, spec in specs.items()}
+    try:
+        order = graph.ReadyQueue(depends, lambda name: ready_key(specs[name])).drain()
+    except graphlib.CycleError as exc:
+        raise PlanError("dependency cycle " + " -> ".join(graph.cycle_of(exc))) from None
     depth: dict[str, int] = {}
-    while ready:
-        _, name = heapq.heappop(ready)
-        order.append(name)
+    for name in order:
         depth[name] = max((depth[d] + 1 for d in specs[name].depends_on), default=0)
-        for child in dependents[name]:
-            waiting[child] -= 1
-            if waiting[child] == 0:
-                heapq.heappush(ready, (ready_key(specs[child]), child))
 
     levels: list[list[str]] = [[] for _ in range(max(depth.values(), default=-1) + 1)]
     for name in order:

@@ -12,42 +12,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from services_registry.errors import CycleError, ServiceValidationError
+from services_registry.graph import find_cycle
 from services_registry.loader import strip_mangled
 from services_registry.runtime import LoadedService
 from services_registry.spec import ServiceSpec
 
-__all__ = ["validate_services", "check_resolvable", "find_cycle"]
-
-
-def find_cycle(graph: dict[str, tuple[str, ...]]) -> tuple[str, ...] | None:
-    """The first dependency cycle of ``graph`` (``job -> its dependsOn``), or ``None``.
-
-    Nodes are visited in the mapping's order, so the reported cycle is deterministic; it is
-    returned following ``dependsOn`` with the first name repeated at the end
-    (``("a", "b", "c", "a")``). Edges to unknown names are ignored.
-    """
-    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
-    for start in graph:
-        if start in state:
-            continue
-        path: list[str] = [start]
-        stack = [iter(graph[start])]
-        state[start] = 1
-        while stack:
-            nxt = next(stack[-1], None)
-            if nxt is None:
-                state[path.pop()] = 2
-                stack.pop()
-                continue
-            if nxt not in graph:
-                continue
-            if state.get(nxt) == 1:
-                return (*path[path.index(nxt):], nxt)
-            if nxt not in state:
-                state[nxt] = 1
-                path.append(nxt)
-                stack.append(iter(graph[nxt]))
-    return None
+__all__ = ["validate_services", "check_resolvable"]
 
 
 def validate_services(services: Sequence[ServiceSpec], *, installed: Sequence[ServiceSpec] = ()) -> None:

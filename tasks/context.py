@@ -25,6 +25,7 @@ from pydantic import BaseModel
 
 from services_registry.callbacks import evaluate_callbacks
 from services_registry.dag import plan_dag, to_mermaid
+from services_registry.graph import with_dependents
 from services_registry.headers import headers_from_dataset
 from services_registry.planning import default_dcmpath
 from services_registry.runtime import loaded
@@ -238,18 +239,6 @@ def load_study_target(repository: Repository, store: ObjectStore, study_uid: str
     )
 
 
-def _with_dependents(names: Collection[str], depends: dict[str, tuple[str, ...]]) -> set[str]:
-    chosen = set(names)
-    changed = True
-    while changed:
-        changed = False
-        for name, deps in depends.items():
-            if name not in chosen and chosen.intersection(deps):
-                chosen.add(name)
-                changed = True
-    return chosen
-
-
 def plan_target(specs: Sequence[ServiceSpec], target: Target, *, only_jobs: Collection[str] | None = None) -> PlannedRun:
     """Evaluate the callbacks of ``target``'s level and plan the DAG.
 
@@ -277,7 +266,7 @@ def plan_target(specs: Sequence[ServiceSpec], target: Target, *, only_jobs: Coll
         missing = sorted(set(only_jobs) - known)
         if missing:
             raise SeriesNotFoundError(f"job {missing[0]!r} is not selected for this {target.level} (selected: {', '.join(sorted(known)) or 'none'})")
-        chosen = _with_dependents(only_jobs, {s.job.job_name: s.job.depends_on for s in selected})
+        chosen = with_dependents(only_jobs, {s.job.job_name: s.job.depends_on for s in selected})
         selected = [
             s.model_copy(update={"job": s.job.model_copy(update={"depends_on": tuple(d for d in s.job.depends_on if d in chosen)})})
             for s in selected

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from services_registry import CycleError, ServiceValidationError, check_service, load_service
-from services_registry.validate import find_cycle
+from services_registry.graph import find_cycle
 
 CB = {"registry": {"svc/__init__.py": "def cb(**kwargs):\n    return True\n"},
       "module": {"svc/__init__.py": "def work(**kwargs):\n    pass\n"}}
