@@ -31,7 +31,9 @@ Timeouts
 --------
 A number of seconds, a digit string (RQ accepted ``"3600"``), or mongo-qas's
 ``NwNdNhNmNs`` string (``"1h"``, ``"30m"``, ``"1h30m"``, ``"90s"``); default ``"1h"``
-(reference §2.6). ``retryDelay`` takes the same forms.
+(reference §2.6). ``retryDelay`` takes the same forms. A job that runs past its timeout is
+killed and **not retried** (RQ failed it for good, reference §2.6), whatever ``retries`` says,
+unless it sets ``retryOnTimeout: true``; ``retries`` is for failures.
 """
 
 from __future__ import annotations
@@ -160,6 +162,9 @@ class JobSpec(BaseModel):
     disabled: bool = Field(False, description="Skipped entirely when true (G1).")
     retries: int = Field(0, ge=0, description="Extra attempts after a failure (dcmflow).")
     retry_delay: float = Field(0.0, ge=0, description="Seconds between attempts (dcmflow).")
+    retry_on_timeout: bool = Field(
+        False, description="Retry a job that timed out too (dcmflow); else a timeout is final, as in RQ."
+    )
     level: Literal["series", "study"] = Field("series", description="Runs once per series or per study.")
     extra: dict[str, Any] = Field(default_factory=dict, description="Unknown fields, kept verbatim.")
 

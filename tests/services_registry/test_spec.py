@@ -53,6 +53,12 @@ def test_camel_case_outside_snake_case_inside() -> None:
     assert settings["jobName"] == "a" and settings["sortPosition"] == -999 and settings["dependsOn"] == ["x"]
 
 
+
+def test_retry_on_timeout_is_off_unless_asked() -> None:
+    assert JobSpec.model_validate(BASE).retry_on_timeout is False
+    job = JobSpec.model_validate({**BASE, "retries": 2, "retryOnTimeout": True})
+    assert job.retry_on_timeout is True and job.to_settings()["retryOnTimeout"] is True and not job.extra
+
 def test_priority_rank_is_one_ordering_higher_first() -> None:
     ranks = [priority_rank(p) for p in ("high", "default", "medium", "low")]
     assert ranks == sorted(ranks, reverse=True)  # seed: default > medium > low; high above
