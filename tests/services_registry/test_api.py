@@ -162,5 +162,5 @@ def test_exported_members() -> None:
         assert getattr(services_registry, name) is not None
     public = {n for n in dir(services_registry) if not n.startswith("_")}
     modules = {"api", "callbacks", "dag", "entrypoints", "errors", "folder", "headers", "load", "loader",
-               "runtime", "spec", "validate", "examples", "planning", "install", "builtin"}
+               "runtime", "spec", "validate", "examples", "planning", "install", "builtin", "graph"}
     assert public - modules == EXPORTED
