@@ -10,8 +10,8 @@ Priority
 dcm-processor G0 used ``priority`` as the RQ queue name and its workers served the queues
 ``default``, ``medium``, ``low`` in that order (reference §2.5); G1/G2 ignore it. dcmflow
 honours it with **one ordering rank, higher runs first** (as mongo-qas dequeues, reference
-§2.5, and as :func:`storage.models.priority_rank` stores it in ``priority_rank`` columns,
-so records and plans sort the same way):
+§2.5). The rule is :func:`storage.priority.priority_rank`, the same one that fills the
+``priority_rank`` columns, so records and plans sort the same way:
 
 =========  ====
 name       rank
@@ -22,8 +22,9 @@ name       rank
 ``low``      10
 =========  ====
 
-An integer priority *is* its rank, on the same scale (``35`` runs after ``high`` and before
-``default``). Unknown names are rejected: in G0 they silently created a queue no worker read.
+An integer priority *is* its rank, on the same scale (``35``, or ``"35"``, runs after ``high``
+and before ``default``). Unknown names are rejected: in G0 they silently created a queue no
+worker read.
 The planner's ready order is (rank descending, sortPosition, jobName), see
 :mod:`services_registry.dag`.
 
@@ -46,6 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic.alias_generators import to_camel
 
 from services_registry.errors import ServiceValidationError
+from storage.priority import DEFAULT_PRIORITY, PRIORITY_RANKS, priority_rank
 
 __all__ = [
     "PRIORITY_RANKS",
@@ -58,12 +60,6 @@ __all__ = [
     "priority_rank",
     "job_from_mapping",
 ]
-
-PRIORITY_RANKS: dict[str, int] = {"high": 40, "default": 30, "medium": 20, "low": 10}
-"""Rank of each priority name; higher runs first (see the module docstring)."""
-
-DEFAULT_PRIORITY = "default"
-"""Priority of a job that names none (the seed's ``DEFUALT_PRIORITY`` env default)."""
 
 DEFAULT_TIMEOUT = 3600.0
 """Seconds a job may run when ``timeout`` is absent: ``"1h"`` everywhere in the seed."""
@@ -115,26 +111,6 @@ def parse_duration(value: object) -> float:
     if seconds <= 0:
         raise ValueError(f"bad duration {value!r} (must be more than zero)")
     return seconds
-
-
-def priority_rank(priority: str | int) -> int:
-    """The ordering rank of a priority name or integer; higher runs first.
-
-    Raises
-    ------
-    ValueError
-        For a name other than ``high``, ``default``, ``medium`` or ``low``.
-    """
-    if isinstance(priority, bool):
-        raise ValueError(f"bad priority {priority!r}")
-    if isinstance(priority, int):
-        return priority
-    try:
-        return PRIORITY_RANKS[priority.strip().lower()]
-    except KeyError:
-        raise ValueError(
-            f"unknown priority {priority!r} (one of {', '.join(PRIORITY_RANKS)} or an integer)"
-        ) from None
 
 
 class JobSpec(BaseModel):

@@ -27,6 +27,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
 from sqlmodel import Field, SQLModel
 
+from storage.priority import DEFAULT_PRIORITY, DEFAULT_PRIORITY_RANK
+
 __all__ = [
     "UTCDateTime",
     "utcnow",
@@ -39,7 +41,6 @@ __all__ = [
     "SourceKind",
     "WorkerKind",
     "JobLevel",
-    "priority_rank",
     "AppSetting",
     "PeerBase",
     "Peer",
@@ -203,39 +204,6 @@ class JobLevel(StrEnum):
     STUDY = "study"
 
 
-# dcm-processor G0 priorities are RQ queue names served in the order default > medium > low
-# (reference/dcm_processor.md §2.5); "high" is ours, above them.
-_PRIORITY_NAMES = {"low": 10, "medium": 20, "default": 30, "normal": 30, "high": 40}
-DEFAULT_PRIORITY_RANK = 30
-
-
-def priority_rank(priority: str | int | None) -> int:
-    """Numeric rank (higher runs first) of a dcm-processor priority.
-
-    Parameters
-    ----------
-    priority
-        An int, a numeric string, or a G0 queue name (``low``, ``medium``, ``default``) or
-        ``high``. ``None`` and unknown names rank as ``default``.
-
-    Returns
-    -------
-    int
-        The rank stored in ``priority_rank`` columns, so queries can sort by it.
-    """
-    if priority is None:
-        return DEFAULT_PRIORITY_RANK
-    if isinstance(priority, bool):
-        return DEFAULT_PRIORITY_RANK
-    if isinstance(priority, int):
-        return priority
-    text = str(priority).strip().lower()
-    try:
-        return int(text)
-    except ValueError:
-        return _PRIORITY_NAMES.get(text, DEFAULT_PRIORITY_RANK)
-
-
 # --------------------------------------------------------------------------- settings
 
 
@@ -330,7 +298,7 @@ class ServiceJobBase(SQLModel):
     """The job spec of a service version, in dcm-processor's terms (snake_case here).
 
     ``priority`` keeps what the spec said (``"default"``, ``"low"``, ``5``) as text;
-    ``priority_rank`` is the number planners sort by (see :func:`priority_rank`).
+    ``priority_rank`` is the number planners sort by (see :func:`storage.priority.priority_rank`).
     Unknown fields of a spec are kept in ``extra`` so nothing a service author wrote is lost.
     """
 
@@ -338,7 +306,7 @@ class ServiceJobBase(SQLModel):
     worker: str
     callback: str
     depends_on: list[str] = Field(default_factory=list, sa_type=sa.JSON)
-    priority: str = "default"
+    priority: str = DEFAULT_PRIORITY
     priority_rank: int = DEFAULT_PRIORITY_RANK
     timeout_seconds: int = 3600  # dcm-processor's default "1h"
     params: dict[str, Any] | None = Field(default=None, sa_type=sa.JSON)

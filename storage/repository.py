@@ -71,6 +71,7 @@ from storage import models as m
 from storage.db import write_transaction
 from storage.errors import ClaimConflictError, RecordError
 from storage.keys import validate_uid
+from storage.priority import priority_rank
 
 __all__ = [
     "DEFAULT_ASSOCIATION_TIMEOUT",
@@ -1358,7 +1359,7 @@ class Repository:
     def _job_spec_row(service_id: int, job: m.ServiceJobBase) -> dict[str, Any]:
         row = job.model_dump(include=set(m.ServiceJobBase.model_fields))
         if "priority_rank" not in job.model_fields_set:
-            row["priority_rank"] = m.priority_rank(job.priority)
+            row["priority_rank"] = priority_rank(job.priority)
         row["service_id"] = service_id
         return row
 
