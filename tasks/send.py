@@ -12,7 +12,6 @@ clear.
 from __future__ import annotations
 
 import ssl
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING
 import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_incrementing
 
 from tasks.errors import SendError
 
@@ -116,6 +116,31 @@ def _attempt(
     return sent, error
 
 
+class _Unsent(Exception):
+    """Some files are still unsent after one attempt: tenacity tries again."""
+
+
+def _send_pending(
+    peer: PeerPublic,
+    calling_ae: str,
+    pending: dict[str, pydicom.Dataset],
+    timeout: float,
+    tls: ssl.SSLContext | None,
+    report: SendReport,
+) -> None:
+    """One attempt over one association: what was stored leaves ``pending``; raise if any is left."""
+    try:
+        sent, error = _attempt(peer, calling_ae, pending, timeout, tls)
+    except Exception as exc:  # noqa: BLE001 - network errors of any kind: retry
+        sent, error = [], f"{type(exc).__name__}: {exc}"
+    for uid in sent:
+        pending.pop(uid, None)
+        report.sent.append(uid)
+    report.error = error if pending else None
+    if pending:
+        raise _Unsent(error)
+
+
 def send_files(
     peer: PeerPublic,
     files: Sequence[Path],
@@ -126,7 +151,8 @@ def send_files(
     timeout: float = 30.0,
     tls: ssl.SSLContext | None = None,
 ) -> SendReport:
-    """C-STORE ``files`` to ``peer``, retrying what failed.
+    """C-STORE ``files`` to ``peer``, retrying what failed (tenacity: ``attempts`` tries,
+    ``delay`` × the attempt number between them).
 
     ``tls`` is the client context for a peer marked ``tls`` (:func:`client_tls_context`); the
     system's default verification when omitted. Peers without the mark get plain TCP.
@@ -146,21 +172,20 @@ def send_files(
             raise SendError(f"{path.name}: not a DICOM file: {exc}") from None
         pending[str(ds.SOPInstanceUID)] = ds
     report = SendReport(peer=peer.name)
-    for attempt in range(1, attempts + 1):
-        report.attempts = attempt
-        try:
-            sent, error = _attempt(peer, calling_ae, pending, timeout, tls)
-        except Exception as exc:  # noqa: BLE001 - network errors of any kind: retry
-            sent, error = [], f"{type(exc).__name__}: {exc}"
-        for uid in sent:
-            pending.pop(uid, None)
-            report.sent.append(uid)
-        report.error = error
-        if not pending:
-            report.error = None
-            return report
-        if attempt < attempts:
-            time.sleep(delay * attempt)
-    raise SendError(
-        f"{len(pending)} file(s) not sent to peer {peer.name!r} after {attempts} attempts: {report.error}"
+    retrying = Retrying(
+        stop=stop_after_attempt(attempts),
+        wait=wait_incrementing(start=delay, increment=delay),  # delay, 2 × delay, …
+        retry=retry_if_exception_type(_Unsent),
+        reraise=True,
     )
+    try:
+        for attempt in retrying:
+            with attempt:
+                report.attempts = attempt.retry_state.attempt_number
+                _send_pending(peer, calling_ae, pending, timeout, tls, report)
+    except _Unsent:
+        raise SendError(
+            f"{len(pending)} file(s) not sent to peer {peer.name!r} after {attempts} attempts: {report.error}"
+        ) from None
+    return report
+

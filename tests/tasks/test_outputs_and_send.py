@@ -105,6 +105,33 @@ def test_send_to_a_dead_peer_is_retried_then_reported(tmp_path: Path) -> None:
         send_files(_peer(free_port()), [path], attempts=2, delay=0.1, timeout=2)
 
 
+
+def test_send_retries_until_the_peer_answers(tmp_path: Path) -> None:
+    """The first attempt finds no peer; tenacity waits ``delay`` and the second one stores it."""
+    import subprocess
+    import threading
+
+    from tests.factories import to_p10_bytes
+    from tests.tasks.helpers import STORESCP
+
+    path = tmp_path / "one.dcm"
+    path.write_bytes(to_p10_bytes(make_small_series(1, seed=34)[0]))
+    port, received = free_port(), tmp_path / "received"
+    received.mkdir()
+    procs: list[subprocess.Popen[bytes]] = []
+    later = threading.Timer(0.3, lambda: procs.append(subprocess.Popen(
+        [STORESCP, "-aet", "PACS", "-od", str(received), str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+    later.start()
+    try:
+        report = send_files(_peer(port), [path], attempts=3, delay=1.5, timeout=5)
+    finally:
+        later.join()
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=10)
+    assert report.attempts == 2 and len(report.sent) == 1 and report.error is None
+    assert len(list(received.iterdir())) == 1
+
 @contextmanager
 def _tls_scp(cert: Path, key: Path) -> Iterator[tuple[int, list[str]]]:
     """A pynetdicom storage SCP that speaks only TLS; yields its port and the SOP UIDs it stored."""
