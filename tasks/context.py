@@ -98,6 +98,7 @@ class PlannedJob(BaseModel):
     retries: int
     retry_delay: float
     module_dir: str | None
+    retry_on_timeout: bool = False  # a timeout is final unless the job asks (spec ``retryOnTimeout``)
     params: dict[str, Any] | None = None
     job_id: int | None = None
     channel: str = "default"  # dcm-processor's channel: not "default" runs on that channel's workers
@@ -293,6 +294,7 @@ def plan_target(specs: Sequence[ServiceSpec], target: Target, *, only_jobs: Coll
                 module_dir=str(module_dir) if module_dir is not None else None,
                 params=job_spec.params if job_spec is not None else None,
                 channel=node.channel or "default",
+                retry_on_timeout=job_spec.retry_on_timeout if job_spec is not None else False,
             )
         )
     return PlannedRun(

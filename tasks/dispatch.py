@@ -39,7 +39,7 @@ from storage.models import JobState
 
 from tasks._storage import RuntimeSettings, repository_of, store_of, work_dirs
 from tasks.context import PlannedJob, SessionRun, link_module, session_run_of
-from tasks.errors import JobFailedError, JobTimedOutError
+from tasks.errors import JobFailedError, JobTimedOutError, retry_unless_final
 from tasks.outputs import remove_tree, restore_outputs, safe_segment, storage_requests
 
 if TYPE_CHECKING:
@@ -170,7 +170,7 @@ def _fail(settings: RuntimeSettings, job: PlannedJob, state: JobState, error: st
     repository_of(settings).update_job(job.job_id, state=state.value, error=error, attempts=attempt, finished_at=finished)
 
 
-@task(name="dispatch-job", cache_policy=NO_CACHE)
+@task(name="dispatch-job", cache_policy=NO_CACHE, retry_condition_fn=retry_unless_final)
 def dispatch_job(settings: RuntimeSettings, run: SessionRun, job: PlannedJob, pool: str) -> dict[str, Any]:
     """Run one job on its channel's workers (a ``run-job`` flow run); retried by Prefect.
 
@@ -233,7 +233,7 @@ def dispatch_job(settings: RuntimeSettings, run: SessionRun, job: PlannedJob, po
         error = record.error or message
         if record.state != JobState.TIMED_OUT.value:
             _fail(settings, job, JobState.TIMED_OUT, error, attempt)
-        raise JobTimedOutError(f"job {job.name!r}: {error}")
+        raise JobTimedOutError(f"job {job.name!r}: {error}", retryable=job.retry_on_timeout)
     if record.state == JobState.FAILED.value and record.attempts == attempt and record.error:
         raise JobFailedError(f"job {job.name!r}: {record.error}")
     error = f"flow run {flow_run.name} on channel {job.channel} ended {state.lower()}: {message}".rstrip(": ")

@@ -7,13 +7,16 @@ Every message is one line a person can act on, so the CLI prints ``str(exc)`` an
     TaskError                  base of everything below; the CLI catches this
     ├── SeriesNotFoundError    no received series/study with that UID, or no stored instances
     ├── JobFailedError         a job's process exited non-zero or was killed by a signal
-    │   └── JobTimedOutError   a job ran past its timeout; its process group was killed
+    ├── JobTimedOutError       a job ran past its timeout; its process group was killed
+    │                          (final unless the job asked ``retryOnTimeout``: ``retryable``)
     ├── EnvironmentBuildError  a service's virtual environment could not be built
     ├── SendError              an output could not be sent to a DICOM peer (after retries)
     └── WebhookError           a study card could not be POSTed to the study webhook
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 __all__ = [
     "TaskError",
@@ -23,6 +26,7 @@ __all__ = [
     "EnvironmentBuildError",
     "SendError",
     "WebhookError",
+    "retry_unless_final",
 ]
 
 
@@ -45,8 +49,17 @@ class JobFailedError(TaskError):
     """A job's process exited with a non-zero code or was killed by a signal."""
 
 
-class JobTimedOutError(JobFailedError):
-    """A job ran past its timeout and its whole process group was killed."""
+class JobTimedOutError(TaskError):
+    """A job ran past its timeout and its whole process group was killed.
+
+    Not a :class:`JobFailedError`: Prefect retries failures (the job's ``retries``), but a
+    timeout is final, as RQ treated it, unless the job set ``retryOnTimeout``
+    (``retryable``).
+    """
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class EnvironmentBuildError(TaskError):
@@ -63,3 +76,10 @@ class WebhookError(TaskError):
     def __init__(self, message: str, *, retryable: bool) -> None:
         super().__init__(message)
         self.retryable = retryable
+
+
+def retry_unless_final(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect ``retry_condition_fn`` of the job tasks: a failure is retried (up to the job's
+    ``retries``), a timeout only when it is ``retryable``."""
+    error = getattr(state, "data", None)
+    return not isinstance(error, JobTimedOutError) or error.retryable

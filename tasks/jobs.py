@@ -51,7 +51,7 @@ from tasks.context import (
     record_jobs as record_session_jobs,
 )
 from tasks.claims import GaveUp, prefect_dead_run
-from tasks.errors import JobFailedError, JobTimedOutError, SendError, TaskError
+from tasks.errors import JobFailedError, JobTimedOutError, SendError, TaskError, retry_unless_final
 from tasks.execution import JobProcess, run_job_process
 from tasks.archiving import archive_series
 from tasks.materialise import CachedSeries, fill_cache, place_series
@@ -212,9 +212,10 @@ def _import_paths(job: PlannedJob, run: SessionRun) -> list[str]:
     return paths[::-1] if (module_dir / "__init__.py").is_file() else paths
 
 
-@task(name="run-job", cache_policy=NO_CACHE)
+@task(name="run-job", cache_policy=NO_CACHE, retry_condition_fn=retry_unless_final)
 def run_job(settings: RuntimeSettings, run: SessionRun, job: PlannedJob) -> dict[str, Any]:
-    """Run one job here, in its own process group (:func:`execute_job`); retried by Prefect.
+    """Run one job here, in its own process group (:func:`execute_job`); a failure is retried
+    by Prefect (the job's ``retries``), a timeout only with ``retryOnTimeout``.
 
     Raises
     ------
@@ -339,8 +340,9 @@ def execute_job(
         job.job_id, state=state.value, exit_code=outcome.exit_code, error=outcome.error, log_key=log_key, finished_at=finished
     )
     logger.error("job %s attempt %d %s: %s", job.name, attempt, state.value, outcome.error)
-    error = JobTimedOutError if outcome.status == "timed_out" else JobFailedError
-    raise error(f"job {job.name!r}: {outcome.error}")
+    if outcome.status == "timed_out":
+        raise JobTimedOutError(f"job {job.name!r}: {outcome.error}", retryable=job.retry_on_timeout)
+    raise JobFailedError(f"job {job.name!r}: {outcome.error}")
 
 
 @task(name="record-skipped", cache_policy=NO_CACHE)

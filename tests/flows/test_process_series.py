@@ -35,7 +35,9 @@ def dag_jobs() -> list[dict[str, Any]]:
         job("b", "record", params={**fast, "meet": "c"}, dependsOn="a"),
         job("c", "record", params={**fast, "meet": "b"}, dependsOn="a"),
         job("d", "record", params=fast, dependsOn=["b", "c"]),
-        job("slow", "sleeper", params={"sleep": 30}, timeout=TIMEOUT, priority="high"),
+        # a timeout is final although the job has retries left (as RQ), unless it asks
+        job("slow", "sleeper", params={"sleep": 30}, timeout=TIMEOUT, priority="high", retries=1),
+        job("slow-again", "sleeper", params={"sleep": 30}, timeout=TIMEOUT, retries=1, retryOnTimeout=True),
         job("after-slow", "record", dependsOn="slow"),
         job("after-after-slow", "record", dependsOn="after-slow"),
         job("crash", "crasher"),
@@ -87,6 +89,7 @@ def spans(run: DagRun) -> dict[str, dict[str, float]]:
 def test_flow_fails_when_a_job_failed_and_says_which(dag_run: DagRun) -> None:
     assert dag_run.state.is_failed()
     assert "slow timed out" in dag_run.state.message and "crash failed" in dag_run.state.message
+    assert "slow-again timed out" in dag_run.state.message
     session = dag_run.home.repo.get_session(dag_run.session_id)
     assert session is not None and session.state == "failed" and session.finished_at is not None
 
@@ -117,6 +120,7 @@ def test_timed_out_job_is_killed_within_a_second_and_dependents_skipped(dag_run:
     jobs = jobs_by_name(dag_run)
     slow = jobs["slow"]
     assert slow.state == "timed_out" and "timed out" in (slow.error or "")
+    assert slow.attempts == 1 and slow.max_retries == 1  # not retried: a timeout is final
     took = (slow.finished_at - slow.started_at).total_seconds()
     assert TIMEOUT <= took <= TIMEOUT + 1.0, took
     trace = spans(dag_run)["slow"]
@@ -127,6 +131,13 @@ def test_timed_out_job_is_killed_within_a_second_and_dependents_skipped(dag_run:
         assert jobs[name].state == "skipped" and jobs[name].attempts == 0 and jobs[name].started_at is None
         assert name not in spans(dag_run)
     assert "slow" in (jobs["after-slow"].error or "")
+
+
+def test_timed_out_job_that_asks_is_retried(dag_run: DagRun) -> None:
+    again = jobs_by_name(dag_run)["slow-again"]
+    assert again.state == "timed_out" and again.attempts == 2
+    log = dag_run.home.store.get(again.log_key).decode()
+    assert log.count("timed out after") == 2 and "attempt 2" in log
 
 
 def test_crashing_job_fails_alone(dag_run: DagRun) -> None:
