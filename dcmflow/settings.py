@@ -21,6 +21,7 @@ DEFAULT_BUCKET = "dcmflow"
 DEFAULT_MAX_PARALLEL_JOBS = 4
 DEFAULT_PREFECT_PORT = 4200
 DEFAULT_MAX_FLOW_RUNS = 4
+DEFAULT_CALLBACK_TIMEOUT = 30.0  # services_registry.callbacks.DEFAULT_CALLBACK_TIMEOUT
 DEFAULT_STUDY_WEBHOOK_TIMEOUT = 10.0
 DEFAULT_STUDY_WEBHOOK_RETRIES = 4
 DEFAULT_STUDY_WEBHOOK_RETRY_DELAY = 2.0
@@ -107,6 +108,12 @@ class Settings(BaseSettings):
     )
     max_flow_runs: int = Field(
         DEFAULT_MAX_FLOW_RUNS, ge=1, description="Flow runs (series, studies) that `dcmflow up` runs at once."
+    )
+    callback_timeout: float = Field(
+        DEFAULT_CALLBACK_TIMEOUT,
+        gt=0,
+        description="Seconds one service callback may take (each runs in a child process); after that its job "
+        "is not selected, with the reason in the plan and the run's job table.",
     )
     channel_wait: float = Field(
         30.0,

@@ -15,6 +15,17 @@
    ``dependsOn`` are accepted; a job whose dependency was not scheduled is dropped. The seed
    dropped silently; we record why, naming the root cause.
 
+Where callbacks run
+-------------------
+:func:`evaluate_isolated` is what dcmflow uses: the callbacks run in child processes (one per
+service environment, see :mod:`services_registry._callback_process`), each with a timeout; a
+callback that hangs, kills its interpreter or breaks its imports only costs its own job, which
+counts as not selected with the reason (``callback_timeout``, ``callback_crashed``). This
+process drives the ``sortPosition`` order and hands the accumulated ``added_params`` to every
+call, so the order and sharing above hold across processes (values travel as JSON, as they are
+stored for the workers anyway). :func:`evaluate_callbacks` runs them in this process: the child
+uses it for one call at a time (:func:`call_callback`), and so do tests of the semantics.
+
 Two seed bugs are *not* copied: ``added_params`` starts empty on every evaluation (the seed's
 mutable default argument leaked entries between triggers), and callbacks get copies of
 ``headers`` and ``params`` (shared within one evaluation, as in the seed, but the caller's
@@ -27,20 +38,39 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from services_registry.loader import strip_mangled
 from services_registry.runtime import LoadedService
-from services_registry.spec import JobSpec
+from services_registry.spec import JobSpec, ServiceSpec
 
-__all__ = ["SelectedJob", "RejectedJob", "Evaluation", "evaluate_callbacks", "interpret_result"]
+__all__ = [
+    "SelectedJob",
+    "RejectedJob",
+    "Evaluation",
+    "CallbackOutcome",
+    "DEFAULT_CALLBACK_TIMEOUT",
+    "evaluate_callbacks",
+    "evaluate_isolated",
+    "call_callback",
+    "interpret_result",
+]
 
 logger = logging.getLogger(__name__)
 
-RejectionKind = Literal["callback_false", "callback_raised", "disabled", "dependency"]
+RejectionKind = Literal[
+    "callback_false", "callback_raised", "callback_timeout", "callback_crashed", "disabled", "dependency"
+]
+
+DEFAULT_CALLBACK_TIMEOUT = 30.0
+"""Seconds one callback may take before its job counts as not selected (``DCMFLOW_CALLBACK_TIMEOUT``)."""
+
+Interpreter = Callable[[ServiceSpec], str]
+"""The Python a service's callbacks run with (its environment); may raise when it has none."""
 
 
 class SelectedJob(BaseModel):
@@ -62,6 +92,22 @@ class RejectedJob(BaseModel):
     job: JobSpec
     kind: RejectionKind
     reason: str
+
+
+class CallbackOutcome(BaseModel):
+    """What one callback decided: scheduled with ``params``, or not, with the kind and reason.
+
+    Also the reply of the callback process, so it stays JSON. ``error`` keeps the raw
+    message of a callback that raised, for the seed's log line.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    scheduled: bool
+    params: dict[str, Any] = {}
+    kind: RejectionKind | None = None
+    reason: str | None = None
+    error: str | None = None
 
 
 class Evaluation(BaseModel):
@@ -106,13 +152,46 @@ def interpret_result(result: Any) -> tuple[bool, dict[str, Any], Any]:
     return bool(value), params, value
 
 
+def call_callback(
+    service: LoadedService, job: JobSpec, headers: dict[str, Any], added_params: dict[str, Any]
+) -> CallbackOutcome:
+    """Call ``job``'s callback in this process, as the seed's ``check_callbacks`` does.
+
+    ``headers`` and ``added_params`` are handed over as they are (shared objects: a callback
+    may change them); ``params`` is a copy of the job's.
+    """
+    try:
+        function = service.callback(job)
+        with service.context():
+            raw = function(
+                jobName=job.job_name,
+                headers=headers,
+                params=copy.deepcopy(job.params),
+                added_params=added_params,
+            )
+        scheduled, params, value = interpret_result(raw)
+    except Exception as exc:  # a service's bug must not stop the others (seed behaviour)
+        return CallbackOutcome(
+            scheduled=False,
+            kind="callback_raised",
+            reason=f"callback raised {type(exc).__name__}: {strip_mangled(str(exc))}",
+            error=str(exc),
+        )
+    if scheduled:
+        return CallbackOutcome(scheduled=True, params=params)
+    why = params.get("reason") if isinstance(params.get("reason"), str) else None
+    return CallbackOutcome(
+        scheduled=False, kind="callback_false", reason=f"callback returned {value!r}" + (f": {why}" if why else "")
+    )
+
+
 def evaluate_callbacks(
     services: Sequence[LoadedService],
     headers: Mapping[str, Any],
     *,
     level: Literal["series", "study"] | None = "series",
 ) -> Evaluation:
-    """Run every callback of ``services`` on ``headers`` and decide which jobs run.
+    """Run every callback of ``services`` on ``headers`` in this process and decide which jobs run.
 
     Parameters
     ----------
@@ -130,55 +209,114 @@ def evaluate_callbacks(
     Evaluation
         Selected and rejected jobs with reasons, and the final ``added_params``.
     """
+    by_spec = {id(service.spec): service for service in services}
+    shared_headers = copy.deepcopy(dict(headers))
+
+    def call(spec: ServiceSpec, job: JobSpec, added: dict[str, Any]) -> CallbackOutcome:
+        return call_callback(by_spec[id(spec)], job, shared_headers, added)
+
+    return _evaluate([service.spec for service in services], level, call)
+
+
+def evaluate_isolated(
+    specs: Sequence[ServiceSpec],
+    headers: Mapping[str, Any],
+    *,
+    level: Literal["series", "study"] | None = "series",
+    timeout: float = DEFAULT_CALLBACK_TIMEOUT,
+    interpreter: Interpreter | None = None,
+) -> Evaluation:
+    """:func:`evaluate_callbacks`, with the callbacks run in child processes and a timeout each.
+
+    Parameters
+    ----------
+    specs
+        Services in a stable order (the installed order).
+    headers
+        The trigger's headers; JSON-able, as :func:`services_registry.headers.headers_from_dataset`
+        gives them.
+    level
+        Evaluate only jobs of this level (``None``: all jobs).
+    timeout
+        Seconds one callback may take (its first call includes importing its service's code).
+    interpreter
+        The Python of a service's environment (a venv of its own); default: this interpreter
+        for every service. Services with the same interpreter share one child process.
+
+    Returns
+    -------
+    Evaluation
+        As :func:`evaluate_callbacks`; a callback that timed out or whose process died is
+        rejected as ``callback_timeout`` / ``callback_crashed`` with the reason.
+    """
+    from services_registry._callback_process import CallbackProcesses
+
+    pythons: dict[str, str | Exception] = {}
+
+    def python_of(spec: ServiceSpec) -> str | Exception:
+        if spec.name not in pythons:
+            try:
+                pythons[spec.name] = interpreter(spec) if interpreter is not None else sys.executable
+            except Exception as exc:  # e.g. its venv failed to build: only its own jobs suffer
+                pythons[spec.name] = exc
+        return pythons[spec.name]
+
+    with CallbackProcesses(dict(headers), timeout=timeout) as processes:
+
+        def call(spec: ServiceSpec, job: JobSpec, added: dict[str, Any]) -> CallbackOutcome:
+            python = python_of(spec)
+            if isinstance(python, Exception):
+                reason = f"no environment for its callbacks: {type(python).__name__}: {python}"
+                return CallbackOutcome(scheduled=False, kind="callback_crashed", reason=reason)
+            return processes.call(python, spec, job, added)
+
+        return _evaluate(list(specs), level, call)
+
+
+def _evaluate(
+    specs: Sequence[ServiceSpec],
+    level: Literal["series", "study"] | None,
+    call: Callable[[ServiceSpec, JobSpec, dict[str, Any]], CallbackOutcome],
+) -> Evaluation:
+    """The seed's evaluation over ``call`` (which runs one callback, here or in a child)."""
     entries = [
-        (service, job)
-        for service in services
-        for job in service.spec.jobs
+        (spec, job)
+        for spec in specs
+        for job in spec.jobs
         if level is None or job.level == level
     ]
     entries.sort(key=lambda e: e[1].sort_position)  # list.sort is stable: ties keep order
-    shared_headers = copy.deepcopy(dict(headers))
     added: dict[str, Any] = {}
-    passed: list[tuple[LoadedService, JobSpec]] = []
+    passed: list[tuple[ServiceSpec, JobSpec]] = []
     rejected: dict[str, RejectedJob] = {}
 
-    def reject(service: LoadedService, job: JobSpec, kind: RejectionKind, reason: str) -> None:
-        rejected[job.job_name] = RejectedJob(service=service.spec.name, job=job, kind=kind, reason=reason)
+    def reject(spec: ServiceSpec, job: JobSpec, kind: RejectionKind, reason: str) -> None:
+        rejected[job.job_name] = RejectedJob(service=spec.name, job=job, kind=kind, reason=reason)
 
-    for service, job in entries:
+    for spec, job in entries:
         if job.disabled:
-            reject(service, job, "disabled", "disabled")
+            reject(spec, job, "disabled", "disabled")
             continue
-        try:
-            function = service.callback(job)
-            with service.context():
-                raw = function(
-                    jobName=job.job_name,
-                    headers=shared_headers,
-                    params=copy.deepcopy(job.params),
-                    added_params=added,
-                )
-            scheduled, params, value = interpret_result(raw)
-        except Exception as exc:  # a service's bug must not stop the others (seed behaviour)
-            logger.error("Exception: %s: %s", job.job_name, exc)
-            reject(service, job, "callback_raised", f"callback raised {type(exc).__name__}: {strip_mangled(str(exc))}")
+        outcome = call(spec, job, added)
+        if outcome.scheduled:
+            added[job.job_name] = outcome.params
+            passed.append((spec, job))
             continue
-        if scheduled:
-            added[job.job_name] = params
-            passed.append((service, job))
-        else:
-            why = params.get("reason") if isinstance(params.get("reason"), str) else None
-            reject(service, job, "callback_false", f"callback returned {value!r}" + (f": {why}" if why else ""))
+        if outcome.kind == "callback_raised":
+            logger.error("Exception: %s: %s", job.job_name, outcome.error)
+        elif outcome.kind in ("callback_timeout", "callback_crashed"):
+            logger.error("Callback of %s (service %s) not selected: %s", job.job_name, spec.name, outcome.reason)
+        reject(spec, job, outcome.kind or "callback_false", outcome.reason or "not selected")
 
     accepted = _accept_by_dependencies(passed)
     accepted_names = {job.job_name for _, job in accepted}
-    for service, job in passed:
+    for spec, job in passed:
         if job.job_name not in accepted_names:
-            reject(service, job, "dependency", _dependency_reason(job, passed, accepted_names, rejected))
+            reject(spec, job, "dependency", _dependency_reason(job, passed, accepted_names, rejected))
     order = tuple(job.job_name for _, job in entries)
     return Evaluation(
         selected=tuple(
-            SelectedJob(service=s.spec.name, job=j, added_params=added[j.job_name]) for s, j in accepted
+            SelectedJob(service=s.name, job=j, added_params=added[j.job_name]) for s, j in accepted
         ),
         rejected=tuple(rejected[name] for name in order if name in rejected),
         added_params=added,
@@ -187,10 +325,10 @@ def evaluate_callbacks(
 
 
 def _accept_by_dependencies(
-    passed: list[tuple[LoadedService, JobSpec]],
-) -> list[tuple[LoadedService, JobSpec]]:
+    passed: list[tuple[ServiceSpec, JobSpec]],
+) -> list[tuple[ServiceSpec, JobSpec]]:
     """The seed's ``restructure_jobs``: passes until nothing new is accepted; acceptance order."""
-    accepted: list[tuple[LoadedService, JobSpec]] = []
+    accepted: list[tuple[ServiceSpec, JobSpec]] = []
     names: set[str] = set()
     remaining = list(passed)
     while True:
@@ -207,7 +345,7 @@ def _accept_by_dependencies(
 
 def _dependency_reason(
     job: JobSpec,
-    passed: list[tuple[LoadedService, JobSpec]],
+    passed: list[tuple[ServiceSpec, JobSpec]],
     accepted: set[str],
     rejected: Mapping[str, RejectedJob],
 ) -> str:

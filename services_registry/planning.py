@@ -1,7 +1,8 @@
 """Dry-run planning of one series: evaluate callbacks, then plan the DAG (no worker runs).
 
-Used by ``dcmflow services plan`` and, later, by the series flow, so what the dry run shows
-is what the flow does.
+Used by ``dcmflow services plan``; the series flow evaluates the same way
+(:func:`services_registry.callbacks.evaluate_isolated`: callbacks in child processes, each with
+a timeout), so what the dry run shows is what the flow does.
 """
 
 from __future__ import annotations
@@ -11,9 +12,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from services_registry.callbacks import evaluate_callbacks
+from services_registry.callbacks import DEFAULT_CALLBACK_TIMEOUT, Interpreter, evaluate_isolated
 from services_registry.dag import plan_dag, to_mermaid
-from services_registry.runtime import loaded
 from services_registry.spec import ServiceSpec
 
 __all__ = ["SeriesPlan", "plan_series", "default_dcmpath"]
@@ -42,10 +42,19 @@ class SeriesPlan(BaseModel):
     mermaid: str
 
 
-def plan_series(specs: Sequence[ServiceSpec], headers: Mapping[str, Any], *, instances: int) -> SeriesPlan:
-    """Evaluate every series-level callback of ``specs`` on ``headers`` and plan the DAG."""
-    with loaded(list(specs)) as services:
-        evaluation = evaluate_callbacks(services, headers, level="series")
+def plan_series(
+    specs: Sequence[ServiceSpec],
+    headers: Mapping[str, Any],
+    *,
+    instances: int,
+    timeout: float = DEFAULT_CALLBACK_TIMEOUT,
+    interpreter: Interpreter | None = None,
+) -> SeriesPlan:
+    """Evaluate every series-level callback of ``specs`` on ``headers`` and plan the DAG.
+
+    ``timeout`` and ``interpreter`` as :func:`~services_registry.callbacks.evaluate_isolated`.
+    """
+    evaluation = evaluate_isolated(specs, headers, level="series", timeout=timeout, interpreter=interpreter)
     plan = plan_dag(evaluation.selected)
     return SeriesPlan(
         series_uid=str(headers.get("seriesId", "")),

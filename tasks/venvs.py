@@ -24,13 +24,18 @@ import shutil
 import site
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from storage.keys import validate_name
 
 from tasks.errors import EnvironmentBuildError
 
-__all__ = ["REQUIREMENTS", "READY_MARKER", "service_python", "venv_dir"]
+if TYPE_CHECKING:
+    from services_registry.spec import ServiceSpec
+
+__all__ = ["REQUIREMENTS", "READY_MARKER", "service_python", "venv_dir", "callback_interpreter"]
 
 REQUIREMENTS = "requirements.txt"
 """File in a service's ``module/`` folder that asks for its own environment."""
@@ -80,6 +85,19 @@ def service_python(module_dir: Path | None, venvs_dir: Path, service: str, versi
         shutil.rmtree(venv, ignore_errors=True)
         _build(venv, requirements)
     return str(_python_of(venv))
+
+
+def callback_interpreter(venvs_dir: Path) -> Callable[[ServiceSpec], str]:
+    """The interpreter a service's callbacks are evaluated with: its jobs' own venv when it has
+    one (built here if needed), dcmflow's for installed distributions (entry points)."""
+
+    def python(spec: ServiceSpec) -> str:
+        if spec.source == "entry_point":
+            return sys.executable
+        version = int(spec.version) if spec.version and spec.version.isdigit() else 0  # as the planner records it
+        return service_python(spec.module_dir, venvs_dir, spec.name, version)
+
+    return python
 
 
 def venv_dir(module_dir: Path | None, venvs_dir: Path, service: str, version: str | int | None) -> Path | None:

@@ -299,7 +299,7 @@ def show(
     )
 
 
-def _plans_from_dir(directory: Path, specs: list[Any]) -> list[SeriesPlan]:
+def _plans_from_dir(directory: Path, specs: list[Any], settings: Settings) -> list[SeriesPlan]:
     from services_registry.errors import RegistryError
     from services_registry.headers import headers_from_dataset, read_series_folder
     from services_registry.planning import plan_series
@@ -314,11 +314,13 @@ def _plans_from_dir(directory: Path, specs: list[Any]) -> list[SeriesPlan]:
         path, ds = series[uid].representative
         rel = path.parent.resolve().relative_to(directory.resolve()).as_posix()
         headers = headers_from_dataset(ds, dcmpath=rel)
-        plans.append(plan_series(specs, headers, instances=len(series[uid].files)))
+        plans.append(plan_series(specs, headers, instances=len(series[uid].files), **_callback_options(settings)))
     return plans
 
 
-def _plan_from_store(series_uid: str, repository: Repository, store: ObjectStore, specs: list[Any]) -> SeriesPlan:
+def _plan_from_store(
+    series_uid: str, repository: Repository, store: ObjectStore, specs: list[Any], settings: Settings
+) -> SeriesPlan:
     import pydicom
 
     from services_registry.errors import RegistryError
@@ -337,7 +339,14 @@ def _plan_from_store(series_uid: str, repository: Repository, store: ObjectStore
     with store.open_stream(first.object_key) as stream:
         ds = pydicom.dcmread(stream, stop_before_pixels=True)
     headers = headers_from_dataset(ds, dcmpath=default_dcmpath(series.study_uid, series_uid))
-    return plan_series(specs, headers, instances=len(instances))
+    return plan_series(specs, headers, instances=len(instances), **_callback_options(settings))
+
+
+def _callback_options(settings: Settings) -> dict[str, Any]:
+    """Callbacks evaluated as the flow evaluates them: timeout, and each service's interpreter."""
+    from tasks.venvs import callback_interpreter
+
+    return {"timeout": settings.callback_timeout, "interpreter": callback_interpreter(settings.home / "venvs")}
 
 
 def _render(plan: SeriesPlan) -> None:
@@ -378,10 +387,10 @@ def plan(
         repository, store = _storage(settings)
         specs = installed_specs(repository, settings.services_dir, store)
         if directory is not None:
-            plans = _plans_from_dir(directory, specs)
+            plans = _plans_from_dir(directory, specs, settings)
         else:
             assert series_uid is not None
-            plans = [_plan_from_store(series_uid, repository, store, specs)]
+            plans = [_plan_from_store(series_uid, repository, store, specs, settings)]
     if as_json:
         emit(plans, True)
         return

@@ -1,0 +1,83 @@
+"""The callback process: runs one series' callbacks of one service environment, one at a time.
+
+Started by :mod:`services_registry._callback_process` as ``python -m
+services_registry._callback_host`` (this interpreter, or a service's own venv). It speaks JSON
+lines on its original stdin/stdout and nothing else:
+
+* it writes ``{"ready": true}`` once imported;
+* it reads ``{"headers": {...}}``: the series' headers, shared by every callback it runs (as
+  in one seed evaluation);
+* then, per callback, it reads ``{"service": {...}, "job": {...}, "added_params": {...}}`` and
+  writes ``{"outcome": CallbackOutcome, "added_params": {...}}`` (the dict after the call: a
+  callback may add to it, as in the seed).
+
+Service code must not be able to break the protocol, so before any of it runs the protocol
+moves to duplicated descriptors: fd 1 becomes a copy of stderr (``print`` in a callback lands
+in the log) and fd 0 reads ``/dev/null``. A callback that hangs or kills the process is the
+parent's business: it stops waiting, kills the process group and starts a new process.
+
+Only the loader and the spec are imported up front (the package's names load lazily), so a
+start costs an interpreter plus pydantic; the services' own imports happen at their first call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, BinaryIO
+
+
+def _protocol() -> tuple[BinaryIO, BinaryIO]:
+    """The original stdin/stdout as private pipes; fds 0 and 1 handed to service code harmlessly."""
+    reader = os.fdopen(os.dup(0), "rb")
+    writer = os.fdopen(os.dup(1), "wb")
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.dup2(2, 1)
+    return reader, writer
+
+
+def _send(writer: BinaryIO, message: dict[str, Any]) -> None:
+    writer.write(json.dumps(message, allow_nan=True).encode() + b"\n")
+    writer.flush()
+
+
+def main() -> int:
+    """Serve callback calls until stdin closes."""
+    reader, writer = _protocol()
+    from services_registry.callbacks import CallbackOutcome, call_callback
+    from services_registry.runtime import LoadedService
+    from services_registry.spec import JobSpec, ServiceSpec
+
+    _send(writer, {"ready": True})
+    headers: dict[str, Any] = {}
+    services: dict[tuple[str, str], LoadedService] = {}
+    for line in reader:
+        message = json.loads(line)
+        if "headers" in message:
+            headers = message["headers"]
+            continue
+        described = message["service"]
+        key = (described["name"], described["content_hash"])
+        if key not in services:
+            services[key] = LoadedService(ServiceSpec.model_validate({**described, "jobs": ()}))
+        job = JobSpec.model_validate(message["job"])
+        added: dict[str, Any] = message["added_params"]
+        outcome = call_callback(services[key], job, headers, added)
+        try:
+            _send(writer, {"outcome": outcome.model_dump(mode="json"), "added_params": added})
+        except (TypeError, ValueError) as exc:  # params the workers could not receive either
+            outcome = CallbackOutcome(
+                scheduled=False,
+                kind="callback_raised",
+                reason=f"callback returned params that are not JSON: {exc}",
+                error=f"params not JSON: {exc}",
+            )
+            _send(writer, {"outcome": outcome.model_dump(mode="json"), "added_params": json.loads(line)["added_params"]})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
