@@ -99,6 +99,7 @@ class Up:
     prefect_port: int
     process: subprocess.Popen[bytes] | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    up_args: tuple[str, ...] = ()
 
     @property
     def env(self) -> dict[str, str]:
@@ -119,7 +120,7 @@ class Up:
 
     def start(self) -> StackState:
         self.process = subprocess.Popen(
-            [*DCMFLOW, "up", "--port", str(self.dicom_port), "--prefect-port", str(self.prefect_port)],
+            [*DCMFLOW, "up", "--port", str(self.dicom_port), "--prefect-port", str(self.prefect_port), *self.up_args],
             env=self.env,
             stdout=self.log.open("ab"),
             stderr=subprocess.STDOUT,
