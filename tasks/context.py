@@ -23,12 +23,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import pydicom
 from pydantic import BaseModel
 
-from services_registry.callbacks import evaluate_callbacks
+from services_registry.callbacks import DEFAULT_CALLBACK_TIMEOUT, Interpreter, evaluate_isolated
 from services_registry.dag import plan_dag, to_mermaid
 from services_registry.graph import with_dependents
 from services_registry.headers import headers_from_dataset
 from services_registry.planning import default_dcmpath
-from services_registry.runtime import loaded
 from storage.archive import instance_header, read_series_index
 from storage.errors import ArchiveError, ObjectNotFoundError
 from storage.keys import validate_uid
@@ -240,7 +239,14 @@ def load_study_target(repository: Repository, store: ObjectStore, study_uid: str
     )
 
 
-def plan_target(specs: Sequence[ServiceSpec], target: Target, *, only_jobs: Collection[str] | None = None) -> PlannedRun:
+def plan_target(
+    specs: Sequence[ServiceSpec],
+    target: Target,
+    *,
+    only_jobs: Collection[str] | None = None,
+    callback_timeout: float = DEFAULT_CALLBACK_TIMEOUT,
+    interpreter: Interpreter | None = None,
+) -> PlannedRun:
     """Evaluate the callbacks of ``target``'s level and plan the DAG.
 
     Parameters
@@ -252,6 +258,9 @@ def plan_target(specs: Sequence[ServiceSpec], target: Target, *, only_jobs: Coll
     only_jobs
         Re-run only these jobs and everything that depends on them (``dcmflow reprocess
         --job``); their dependencies outside the set count as done.
+    callback_timeout, interpreter
+        Seconds one callback may take, and the Python of each service's callbacks
+        (:func:`services_registry.callbacks.evaluate_isolated`, which runs them in child processes).
 
     Raises
     ------
@@ -259,8 +268,9 @@ def plan_target(specs: Sequence[ServiceSpec], target: Target, *, only_jobs: Coll
         ``only_jobs`` names a job that is not selected for this target.
     """
     by_name = {spec.name: spec for spec in specs}
-    with loaded(list(specs)) as services:
-        evaluation = evaluate_callbacks(services, target.headers, level=target.level)
+    evaluation = evaluate_isolated(
+        specs, target.headers, level=target.level, timeout=callback_timeout, interpreter=interpreter
+    )
     selected = list(evaluation.selected)
     if only_jobs:
         known = {s.job.job_name for s in selected}

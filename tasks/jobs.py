@@ -67,7 +67,7 @@ from tasks.outputs import (
     store_outputs,
 )
 from tasks.send import client_tls_context, dicom_files, send_files
-from tasks.venvs import service_python
+from tasks.venvs import callback_interpreter, service_python
 
 __all__ = [
     "load_target",
@@ -107,7 +107,13 @@ def plan_jobs(settings: RuntimeSettings, target: Target, only_jobs: list[str] | 
     from services_registry.install import installed_specs
 
     specs = installed_specs(repository_of(settings), Path(settings.services_dir), store_of(settings))
-    return plan_target(specs, target, only_jobs=only_jobs)
+    return plan_target(
+        specs,
+        target,
+        only_jobs=only_jobs,
+        callback_timeout=settings.callback_timeout,
+        interpreter=callback_interpreter(work_dirs(settings)["venvs"]),
+    )
 
 
 @task(name="start-session", cache_policy=NO_CACHE)
@@ -246,8 +252,9 @@ def execute_job(
     """Run one job attempt in its own process group; record it, its outputs and its log.
 
     The attempt's ``$DATA`` is a hard-linked copy of the session's folder on this machine
-    (``run.data_dir``: received files and earlier jobs' outputs); its new files go to the
-    object store, and into ``run.data_dir`` when it succeeded.
+    (``run.data_dir``: earlier jobs' outputs; ``dicom/``, the received files, is a link to the
+    session's read-only folder); its new files go to the object store, and into
+    ``run.data_dir`` when it succeeded.
 
     Returns
     -------
@@ -284,7 +291,7 @@ def execute_job(
         raise JobFailedError(f"job {job.name!r}: {exc}") from None
     data_dir = work / "jobs" / safe_segment(job.name) / "data"  # this attempt's own $DATA
     remove_tree(data_dir)
-    link_tree(Path(run.data_dir), data_dir)
+    link_tree(Path(run.data_dir), data_dir, shared=("dicom",))  # received series: read-only, one link
     before = snapshot(data_dir)
     if attempt > 1:
         with log_path.open("a") as fh:
