@@ -67,7 +67,7 @@ def main() -> int:
         added: dict[str, Any] = message["added_params"]
         outcome = call_callback(services[key], job, headers, added)
         try:
-            _send(writer, {"outcome": outcome.model_dump(mode="json"), "added_params": added})
+            _send(writer, {"outcome": outcome.model_dump(), "added_params": added})
         except (TypeError, ValueError) as exc:  # params the workers could not receive either
             outcome = CallbackOutcome(
                 scheduled=False,
@@ -75,7 +75,7 @@ def main() -> int:
                 reason=f"callback returned params that are not JSON: {exc}",
                 error=f"params not JSON: {exc}",
             )
-            _send(writer, {"outcome": outcome.model_dump(mode="json"), "added_params": json.loads(line)["added_params"]})
+            _send(writer, {"outcome": outcome.model_dump(), "added_params": json.loads(line)["added_params"]})
     return 0
 
 

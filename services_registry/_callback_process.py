@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -35,6 +36,9 @@ __all__ = ["CallbackProcesses", "STARTUP_TIMEOUT"]
 
 STARTUP_TIMEOUT = 60.0
 """Seconds a child may take to start (an interpreter and pydantic; a loaded machine is slow)."""
+
+_PROJECT_ROOT = Path(__file__).resolve().parent.parent
+"""Folder holding the ``services_registry`` package, for children in a service's venv."""
 
 _SERVICE_FIELDS = {"name", "source", "root", "registry_dir", "module_dir", "origin", "entry", "content_hash"}
 _JOB_FIELDS = {"job_name", "worker", "callback", "params"}
@@ -49,10 +53,13 @@ class _Child:
 
     def __init__(self, python: str) -> None:
         env = dict(os.environ)
-        if os.path.realpath(python) == os.path.realpath(sys.executable):
+        if os.path.abspath(python) == os.path.abspath(sys.executable):
             # The same interpreter imports what this process imports (installed distributions
             # put on sys.path at run time included), as if the callbacks ran here.
-            env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+            paths = [p for p in sys.path if p]
+        else:  # a service's venv: its own packages, and ours from the project (as the job runner)
+            paths = [str(_PROJECT_ROOT), *filter(None, [env.get("PYTHONPATH")])]
+        env["PYTHONPATH"] = os.pathsep.join(paths)
         self.process = subprocess.Popen(
             [python, "-m", "services_registry._callback_host"],
             stdin=subprocess.PIPE,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import logging
 import shutil
 import site
 import subprocess
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
     from services_registry.spec import ServiceSpec
 
 __all__ = ["REQUIREMENTS", "READY_MARKER", "service_python", "venv_dir", "callback_interpreter"]
+
+logger = logging.getLogger(__name__)
 
 REQUIREMENTS = "requirements.txt"
 """File in a service's ``module/`` folder that asks for its own environment."""
@@ -89,13 +92,22 @@ def service_python(module_dir: Path | None, venvs_dir: Path, service: str, versi
 
 def callback_interpreter(venvs_dir: Path) -> Callable[[ServiceSpec], str]:
     """The interpreter a service's callbacks are evaluated with: its jobs' own venv when it has
-    one (built here if needed), dcmflow's for installed distributions (entry points)."""
+    one (built here if needed), dcmflow's for installed distributions (entry points).
+
+    A venv that fails to build leaves the callbacks in dcmflow's interpreter (logged): the
+    job then fails on the same build with pip's message, visibly, as it did before callbacks
+    ran in the service's environment.
+    """
 
     def python(spec: ServiceSpec) -> str:
         if spec.source == "entry_point":
             return sys.executable
         version = int(spec.version) if spec.version and spec.version.isdigit() else 0  # as the planner records it
-        return service_python(spec.module_dir, venvs_dir, spec.name, version)
+        try:
+            return service_python(spec.module_dir, venvs_dir, spec.name, version)
+        except EnvironmentBuildError as exc:
+            logger.warning("service %s: callbacks run in dcmflow's interpreter: %s", spec.name, exc)
+            return sys.executable
 
     return python
 
