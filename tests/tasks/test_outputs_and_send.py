@@ -53,7 +53,9 @@ def test_each_job_sees_its_own_outputs_only(tmp_path: Path) -> None:
     (shared / "earlier").mkdir()
     (shared / "earlier" / "a.txt").write_text("a")
     view = tmp_path / "job" / "data"
-    link_tree(shared, view)
+    link_tree(shared, view, shared=("dicom",))
+    assert (view / "dicom").is_symlink() and (view / "dicom" / "x.dcm").read_text() == "in"
+    assert (view / "earlier" / "a.txt").stat().st_nlink == 2  # earlier outputs: hard links
     before = snapshot(view)
     assert set(before) == {"earlier/a.txt"}  # received DICOM is not an output
     (view / "new").mkdir()
