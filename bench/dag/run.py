@@ -287,6 +287,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3, help="counted runs per (size, shape), after one warm-up")
     parser.add_argument("--sizes", default="20,300", help="instances per series, comma-separated")
+    parser.add_argument("--shapes", default="chain,independent", help="which DAGs: chain, independent")
     parser.add_argument("--max-parallel", type=int, default=4, help="jobs at once (the independent jobs)")
     parser.add_argument("--database-url", default=None, help="records database (default: SQLite in the temp home)")
     parser.add_argument("--api-url", default=None, help="a running Prefect server (default: start one)")
@@ -331,6 +332,7 @@ def main() -> None:
     parts = Parts()
     parts.install()
     shapes = {"chain": [f"chain-{i}" for i in range(N_JOBS)], "independent": [f"free-{i}" for i in range(N_JOBS)]}
+    shapes = {name: jobs for name, jobs in shapes.items() if name in args.shapes.split(",")}
     results: dict[tuple[int, str], list[dict[str, float]]] = defaultdict(list)
     series_results: dict[tuple[int, str], list[dict[str, float]]] = defaultdict(list)
     try:
