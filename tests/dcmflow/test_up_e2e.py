@@ -1,5 +1,9 @@
 """``dcmflow up`` end to end: a real Prefect server, served deployments, DICOM over the wire.
 
+The module's stack starts as the README's "First five minutes" says, ``dcmflow up --demo`` on a
+fresh home: the first tests check what a newcomer sees (processed study, preview artifacts in
+the Prefect UI, ``dcmflow doctor`` passing), the rest use the same stack with a counting service.
+
 Each stack is ``dcmflow up`` as a subprocess (its own Prefect server, database and ports);
 DCMTK's ``storescu`` sends the studies; what happened is read back from the Prefect REST API
 and the records database. A quiet period of 2 s closes the series.
@@ -7,8 +11,11 @@ and the records database. A quiet period of 2 s closes the series.
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,9 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from PIL import Image
 from pydicom.uid import generate_uid
 
+from dcmflow.cli.demo import DEMO_SERVICES
 from dcmflow.settings import Settings
 from dcmflow.prefect_api import api_client
 from dcmflow.stack import UP_HOME_MARK
@@ -33,6 +43,8 @@ from tasks.execution import pid_alive
 from tests.receiver.conftest import free_port
 
 STORESCU = "/usr/bin/storescu"
+_LINK = re.compile(r"^\s*(preview|qc)\s+series \d+ \(([^)]*)\)\s+(http://\S+/artifacts/key/(\S+))$", re.MULTILINE)
+_PNG = re.compile(r"data:image/png;base64,([A-Za-z0-9+/=]+)")
 DCMFLOW = [sys.executable, "-c", "from dcmflow.cli import main; main()"]
 STABLE_AGE = "2"
 
@@ -100,6 +112,7 @@ class Up:
     process: subprocess.Popen[bytes] | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     up_args: tuple[str, ...] = ()
+    demo_output: str = ""
 
     @property
     def env(self) -> dict[str, str]:
@@ -217,14 +230,67 @@ def completed(runs: list[dict[str, Any]]) -> bool:
     return bool(runs) and all(r["state"]["type"] == "COMPLETED" for r in runs)
 
 
+def _failed_run_logs(up: Up) -> str:
+    """The Prefect logs of the failed flow runs: what went wrong is there, not in up's log."""
+    with api_client(up.api) as api:
+        runs = api.post("/flow_runs/filter", json={"flow_runs": {"state": {"type": {"any_": ["FAILED", "CRASHED"]}}}}).json()
+        logs = api.post("/logs/filter", json={"logs": {"flow_run_id": {"any_": [r["id"] for r in runs]}}, "limit": 200}).json()
+    return "\n".join(f"{log['level']} {log['message']}" for log in logs)
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
-    up = make_up(tmp_path_factory.mktemp("e2e"), "home")
+    """The README's first command on a fresh home: ``dcmflow up --demo`` with the embedded
+    defaults and no service. Once the demo is done, the built-ins it enabled are disabled and
+    the counting service installed, for the tests after the newcomer's."""
+    up = make_up(tmp_path_factory.mktemp("e2e"), "home", install=False)
+    up.up_args = ("--demo",)
     up.start()
     try:
+        wait_for("the demo to finish", lambda: re.search("the demo (study was processed|failed)", up.log.read_text()), timeout=300)
+        if "the demo study was processed" not in up.log.read_text():
+            pytest.fail(up.log.read_text()[-3000:] + _failed_run_logs(up))
+        up.demo_output = up.log.read_text()
+        for name in DEMO_SERVICES:
+            up.dcmflow("services", "disable", name)
+        up.install_service(0.0)
         yield up
     finally:
         up.stop()
+
+
+def test_up_demo_processes_the_study_and_links_its_previews(stack: Up) -> None:
+    log = stack.demo_output
+    assert "enabled the built-in service preview" in log and "enabled the built-in service qc" in log
+    links = _LINK.findall(log)
+    assert sorted((job, description) for job, description, _, _ in links) == [
+        ("preview", "AXIAL 1.25mm LUNG"), ("preview", "AXIAL 1.25mm STND"),
+        ("qc", "AXIAL 1.25mm LUNG"), ("qc", "AXIAL 1.25mm STND"),
+    ]
+    ui = json.loads(stack.dcmflow("status", "--json").stdout)["stack"]["ui_url"].rstrip("/")
+    assert all(url.startswith(f"{ui}/artifacts/key/") for _, _, url, _ in links)
+    with api_client(stack.api) as api:
+        for job, _, _, key in links:
+            (artifact,) = api.post("/artifacts/filter", json={"artifacts": {"key": {"any_": [key]}}}).raise_for_status().json()
+            assert artifact["type"] == "markdown" and artifact["flow_run_id"]
+            if job == "qc":
+                assert "instances" in artifact["data"].lower()
+                continue
+            images = [Image.open(io.BytesIO(base64.b64decode(data))) for data in _PNG.findall(artifact["data"])]
+            assert len(images) == 2  # the middle slice and the montage
+            for image in images:
+                pixels = np.asarray(image.convert("L"), dtype=float)
+                # Windowed: neither black nor saturated, with real contrast.
+                assert 0.02 < (pixels > 0).mean() and (pixels >= 255).mean() < 0.5 and pixels.std() > 10
+
+
+def test_doctor_passes_on_the_embedded_defaults_while_up_runs(stack: Up) -> None:
+    done = stack.dcmflow("doctor", "--json", check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = {row["check"]: row for row in json.loads(done.stdout)}
+    assert {row["status"] for row in rows.values()} <= {"ok", "warn", "skip"}, rows
+    for check in ("database", "object store", "prefect api", "prefect deployments", "services"):
+        assert rows[check]["status"] == "ok", rows[check]
 
 
 @pytest.fixture(scope="module")
