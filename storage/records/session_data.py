@@ -50,6 +50,14 @@ class SessionDataRecords(RecordsCore):
         with self.engine.connect() as conn:
             return dict(conn.execute(stmt.order_by(t.c.name)).all())
 
+    def job_session_data(self, session_id: int, name: str) -> dict[str, Any]:
+        """The value ``name`` of every job of a session that has one, by job name (one query
+        where a job table would otherwise ask once per job)."""
+        t = T_SESSION_DATA
+        stmt = sa.select(t.c.job_name, t.c.value).where(t.c.session_id == session_id, t.c.name == name, t.c.job_name != "")
+        with self.engine.connect() as conn:
+            return dict(conn.execute(stmt.order_by(t.c.job_name)).all())
+
     def add_session_file(
         self,
         session_id: int,

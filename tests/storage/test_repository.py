@@ -366,6 +366,14 @@ def test_sessions_jobs_data_and_files(repo: Repository) -> None:
     assert repo.list_session_data(sess.id) == {"flag": None, "result": "replaced"}
     assert repo.get_session_data(sess.id, "absent", default="d") == "d"
 
+    # a job's end in one commit: its state and its result
+    ended = repo.update_job_with_data(jobs[1].id, {"result": {"n": 1}, "process": {"pid": 7}}, state="succeeded", exit_code=0)
+    assert ended.state == "succeeded" and ended.finished_at is not None
+    assert repo.get_session_data(sess.id, "result", job_name="report") == {"n": 1}
+    assert repo.job_session_data(sess.id, "result") == {"report": {"n": 1}, "seg": value}  # session-wide value left out
+    with pytest.raises(RecordError):
+        repo.update_job_with_data(10_000, {"result": 1}, state="failed")
+
     f = repo.add_session_file(sess.id, "mask.nii.gz", object_key="sessions/1/seg/mask.nii.gz", size=2**33,
                               sha256="ab" * 32, job_name="seg")  # fmt: skip
     assert f.size == 2**33
