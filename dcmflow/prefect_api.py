@@ -141,6 +141,17 @@ def flow_run_state(api_url: str, flow_run_id: str | None) -> str | None:
     return state.get("type")
 
 
+def latest_artifact_ids(api_url: str, keys: list[str]) -> dict[str, str]:
+    """The id of the newest artifact of each key the server knows (its UI page is
+    ``/artifacts/artifact/<id>``; the key's page is only a list of versions)."""
+    if not keys:
+        return {}
+    with api_client(api_url, attempts=2) as api:
+        response = api.post("/artifacts/latest/filter", json={"artifacts": {"key": {"any_": keys}}})
+    response.raise_for_status()
+    return {a["key"]: a["latest_id"] for a in response.json() if a.get("latest_id")}
+
+
 def crash_flow_run(api_url: str, flow_run_id: str, message: str) -> None:
     """Mark a flow run Crashed (forced: whatever ran it is gone)."""
     with api_client(api_url) as api:

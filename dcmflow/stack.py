@@ -363,6 +363,9 @@ class Stack:
         env = self.child_env()
         env.pop("PREFECT_API_URL")
         env["PREFECT_HOME"] = str(prefect_home)
+        # As settings, not only flags: the UI asks the API at PREFECT_SERVER_UI_API_URL, which
+        # Prefect derives from these (from the flags alone it would point at port 4200).
+        env["PREFECT_SERVER_API_HOST"], env["PREFECT_SERVER_API_PORT"] = cfg.prefect_host, str(cfg.prefect_port)
         if not any(k in env for k in ("PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL")):
             env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{prefect_home / 'prefect.db'}"
         argv = [sys.executable, "-m", "prefect", "server", "start", "--host", cfg.prefect_host, "--port", str(cfg.prefect_port)]

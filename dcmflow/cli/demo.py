@@ -295,18 +295,26 @@ def _local_times(job: JobPublic) -> dict[str, Any]:
     return row
 
 
-def _artifact_links(snap: _Snapshot, sessions: list[SessionPublic], ui: str) -> list[tuple[str, str, str]]:
+def _artifact_links(snap: _Snapshot, sessions: list[SessionPublic], state: StackState) -> list[tuple[str, str, str]]:
     """(series UID, job, UI link) of each artifact the demo's services put on their runs: the
-    preview images and the QC report, where a newcomer clicks first."""
+    preview images and the QC report, where a newcomer clicks first. The link opens the
+    artifact itself; when the server cannot say its id, the key's page (its versions)."""
+    import httpx
+
     from tasks.artifacts import job_artifact_key
 
-    found = []
-    for session in sessions:
-        for job in snap.jobs.get(session.id, []):
-            if session.series_uid and job.job_name in DEMO_SERVICES and job.state == "succeeded":
-                key = job_artifact_key(job.job_name, "series", session.series_uid)
-                found.append((session.series_uid, job.job_name, f"{ui}/artifacts/key/{key}"))
-    return found
+    from dcmflow.prefect_api import latest_artifact_ids
+
+    wanted = [(session.series_uid, job.job_name, job_artifact_key(job.job_name, "series", session.series_uid))
+              for session in sessions for job in snap.jobs.get(session.id, [])
+              if session.series_uid and job.job_name in DEMO_SERVICES and job.state == "succeeded"]
+    try:
+        ids = latest_artifact_ids(state.api_url, [key for _, _, key in wanted])
+    except httpx.HTTPError:
+        ids = {}
+    ui = state.ui_url.rstrip("/")
+    return [(uid, job, f"{ui}/artifacts/artifact/{ids[key]}" if key in ids else f"{ui}/artifacts/key/{key}")
+            for uid, job, key in wanted]
 
 
 def _report(snap: _Snapshot, sent: _Sent, state: StackState, as_json: bool) -> None:
@@ -315,7 +323,7 @@ def _report(snap: _Snapshot, sent: _Sent, state: StackState, as_json: bool) -> N
     jobs = sorted((j for s in sessions for j in snap.jobs.get(s.id, [])), key=lambda j: j.id)
     ui = state.ui_url.rstrip("/")
     links = {s.id: f"{ui}/runs/flow-run/{s.flow_run_id}" if s.flow_run_id else None for s in sessions}
-    shown = _artifact_links(snap, sessions, ui)
+    shown = _artifact_links(snap, sessions, state)
     if as_json:
         typer.echo(json.dumps({
             "study_uid": sent.study_uid,

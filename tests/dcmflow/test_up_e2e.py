@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -43,7 +44,7 @@ from tasks.execution import pid_alive
 from tests.receiver.conftest import free_port
 
 STORESCU = "/usr/bin/storescu"
-_LINK = re.compile(r"^\s*(preview|qc)\s+series \d+ \(([^)]*)\)\s+(http://\S+/artifacts/key/(\S+))$", re.MULTILINE)
+_LINK = re.compile(r"^\s*(preview|qc)\s+series \d+ \(([^)]*)\)\s+(http://\S+/artifacts/artifact/([0-9a-f-]{36}))$", re.MULTILINE)
 _PNG = re.compile(r"data:image/png;base64,([A-Za-z0-9+/=]+)")
 DCMFLOW = [sys.executable, "-c", "from dcmflow.cli import main; main()"]
 STABLE_AGE = "2"
@@ -268,11 +269,13 @@ def test_up_demo_processes_the_study_and_links_its_previews(stack: Up) -> None:
         ("qc", "AXIAL 1.25mm LUNG"), ("qc", "AXIAL 1.25mm STND"),
     ]
     ui = json.loads(stack.dcmflow("status", "--json").stdout)["stack"]["ui_url"].rstrip("/")
-    assert all(url.startswith(f"{ui}/artifacts/key/") for _, _, url, _ in links)
+    assert all(url.startswith(f"{ui}/artifacts/artifact/") for _, _, url, _ in links)
+    # The UI served on a port of our choosing talks to the API on that port, not on 4200.
+    assert httpx.get(f"{ui}/ui-settings", timeout=10).raise_for_status().json()["api_url"] == stack.api
     with api_client(stack.api) as api:
-        for job, _, _, key in links:
-            (artifact,) = api.post("/artifacts/filter", json={"artifacts": {"key": {"any_": [key]}}}).raise_for_status().json()
-            assert artifact["type"] == "markdown" and artifact["flow_run_id"]
+        for job, _, _, artifact_id in links:
+            artifact = api.get(f"/artifacts/{artifact_id}").raise_for_status().json()
+            assert artifact["type"] == "markdown" and artifact["flow_run_id"] and artifact["key"].startswith(f"{job}-series-")
             if job == "qc":
                 assert "instances" in artifact["data"].lower()
                 continue
