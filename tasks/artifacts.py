@@ -93,10 +93,11 @@ def job_artifacts(
     files: dict[tuple[str, str], SessionFilePublic] = {
         (f.job_name, f.name): f for f in repository.list_session_files(session_id)
     }
+    results = repository.job_session_data(session_id, "result")
     found = []
     for job in jobs:
         if job.state == JobState.SUCCEEDED:
-            entries = _requested(repository.get_session_data(session_id, "result", job_name=job.job_name))
+            entries = _requested(results.get(job.job_name))
         elif job.state in {JobState.FAILED, JobState.TIMED_OUT}:
             entries = [{"type": "markdown", "path": name} for (owner, name) in files if owner == job.job_name and name.endswith(".md")]
         else:

@@ -254,14 +254,14 @@ def run_job_process(
             start_new_session=True,
             close_fds=True,
         )
-        if on_start is not None:
-            on_start(proc.pid)
         assert proc.stdout is not None
         reader = threading.Thread(target=_pump, args=(proc.stdout, log, tail, on_line), daemon=True)
         reader.start()
         timed_out = False
         try:
-            _wait_exit(proc, job.timeout)
+            if on_start is not None:
+                on_start(proc.pid)  # inside: if it raises, the job does not run on unwatched
+            _wait_exit(proc, job.timeout)  # counted from here, after on_start recorded the start
         except subprocess.TimeoutExpired:
             timed_out = True
             kill_group(proc, grace)

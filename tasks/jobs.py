@@ -24,7 +24,7 @@ the real timeout is the process-group kill in :mod:`tasks.execution`, not Prefec
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +52,7 @@ from tasks.context import (
 )
 from tasks.claims import GaveUp, prefect_dead_run
 from tasks.errors import JobFailedError, JobTimedOutError, SendError, TaskError, retry_unless_final
-from tasks.execution import JobProcess, run_job_process
+from tasks.execution import JobProcess, ProcessOutcome, run_job_process
 from tasks.archiving import archive_series
 from tasks.materialise import CachedSeries, fill_cache, place_series
 from tasks.outputs import (
@@ -272,6 +272,7 @@ def execute_job(
     logger = get_run_logger()
     repository, store = repository_of(settings), store_of(settings)
     assert job.job_id is not None
+    job_id = job.job_id
     fields: dict[str, Any] = {"state": JobState.RUNNING.value, "attempts": attempt, "error": None, "exit_code": None}
     if run_id:
         fields["task_run_id"] = run_id
@@ -279,7 +280,6 @@ def execute_job(
         previous = next((j for j in repository.list_jobs(session_id=run.session_id) if j.id == job.job_id), None)
         if previous is not None and previous.started_at is not None:
             fields["started_at"] = previous.started_at
-    repository.update_job(job.job_id, **fields)
     work = Path(run.work_dir)
     log_path = work / "joblogs" / f"{safe_segment(job.name)}.log"
     try:
@@ -287,7 +287,7 @@ def execute_job(
             Path(job.module_dir) if job.module_dir else None, work_dirs(settings)["venvs"], job.service, job.service_version
         )
     except TaskError as exc:
-        repository.update_job(job.job_id, state=JobState.FAILED.value, error=str(exc))
+        repository.update_job(job.job_id, **{**fields, "state": JobState.FAILED.value, "error": str(exc)})
         raise JobFailedError(f"job {job.name!r}: {exc}") from None
     data_dir = work / "jobs" / safe_segment(job.name) / "data"  # this attempt's own $DATA
     remove_tree(data_dir)
@@ -298,30 +298,16 @@ def execute_job(
             fh.write(f"dcmflow: attempt {attempt}\n")
     pid_holder: dict[str, int] = {}
 
-    def started(pid: int) -> None:
+    def started(pid: int) -> None:  # running, and its process, in one commit while the process starts
         pid_holder["pid"] = pid
+        repository.update_job_with_data(job_id, {"process": {"pid": pid, "attempt": attempt}}, **fields)
         logger.info("job %s attempt %d started (pid %d)", job.name, attempt, pid)
-        repository.put_session_data(run.session_id, "process", {"pid": pid, "attempt": attempt}, job_name=job.name)
 
-    outcome = run_job_process(
-        JobProcess(
-            python=python,
-            worker=job.worker,
-            import_paths=_import_paths(job, run),
-            kwargs={
-                "jobName": job.name,
-                "headers": run.headers,
-                "params": job.params,
-                "added_params": run.added_params,
-            },
-            env={"DATA": str(data_dir), "MODULES": run.modules_dir, "LOGS": run.logs_dir},
-            work_dir=work / "jobs" / safe_segment(job.name),
-            log_path=log_path,
-            timeout=job.timeout,
-        ),
-        on_line=lambda line: logger.info("%s | %s", job.name, line),
-        on_start=started,
-    )
+    try:
+        outcome = _run_process(job, run, python, data_dir, log_path, logger, started)
+    except OSError as exc:  # the interpreter could not be started
+        repository.update_job(job.job_id, **{**fields, "state": JobState.FAILED.value, "error": f"cannot start: {exc}"})
+        raise JobFailedError(f"job {job.name!r}: cannot start: {exc}") from None
     files = changed_files(before, snapshot(data_dir))
     if outcome.status == "succeeded":
         merge_outputs(data_dir, Path(run.data_dir), files)
@@ -329,9 +315,9 @@ def execute_job(
     log_key = store_log(store, session_id=run.session_id, job_name=job.name, log_path=log_path)
     finished = dt.datetime.fromtimestamp(outcome.finished, dt.UTC)
     if outcome.status == "succeeded":
-        repository.put_session_data(run.session_id, "result", outcome.result, job_name=job.name)
-        repository.update_job(
-            job.job_id, state=JobState.SUCCEEDED.value, exit_code=0, log_key=log_key, finished_at=finished
+        repository.update_job_with_data(
+            job.job_id, {"result": outcome.result}, state=JobState.SUCCEEDED.value, exit_code=0, log_key=log_key,
+            finished_at=finished,
         )
         requests = storage_requests(job.name, run.added_params, outcome.result)
         return {
@@ -350,6 +336,33 @@ def execute_job(
     if outcome.status == "timed_out":
         raise JobTimedOutError(f"job {job.name!r}: {outcome.error}", retryable=job.retry_on_timeout)
     raise JobFailedError(f"job {job.name!r}: {outcome.error}")
+
+
+def _run_process(
+    job: PlannedJob, run: SessionRun, python: str, data_dir: Path, log_path: Path, logger: Any,
+    started: Callable[[int], None],
+) -> ProcessOutcome:
+    """The job's process (:func:`tasks.execution.run_job_process`), its lines to the run logger."""
+    work = Path(run.work_dir)
+    return run_job_process(
+        JobProcess(
+            python=python,
+            worker=job.worker,
+            import_paths=_import_paths(job, run),
+            kwargs={
+                "jobName": job.name,
+                "headers": run.headers,
+                "params": job.params,
+                "added_params": run.added_params,
+            },
+            env={"DATA": str(data_dir), "MODULES": run.modules_dir, "LOGS": run.logs_dir},
+            work_dir=work / "jobs" / safe_segment(job.name),
+            log_path=log_path,
+            timeout=job.timeout,
+        ),
+        on_line=lambda line: logger.info("%s | %s", job.name, line),
+        on_start=started,
+    )
 
 
 @task(name="record-skipped", cache_policy=NO_CACHE)
@@ -422,12 +435,12 @@ def publish_artifacts(settings: RuntimeSettings, run: SessionRun, planned: Plann
     asked to show (:mod:`tasks.artifacts`, key ``<job>-series-<uid>``), on the flow run."""
     repository = repository_of(settings)
     jobs = repository.list_jobs(session_id=run.session_id)
-    dispatched = {j.job_name: repository.get_session_data(run.session_id, "dispatch", job_name=j.job_name) for j in jobs}
+    dispatched = repository.job_session_data(run.session_id, "dispatch")
     table = [
         {
             "job": j.job_name,
             "service": f"{j.service_name} v{j.service_version}",
-            "runs_on": f"channel {d['channel']} ({d['flow_run']})" if (d := dispatched[j.job_name]) else "in the flow",
+            "runs_on": f"channel {d['channel']} ({d['flow_run']})" if (d := dispatched.get(j.job_name)) else "in the flow",
             "state": j.state,
             "attempts": j.attempts,
             "duration_s": round((j.finished_at - j.started_at).total_seconds(), 2) if j.started_at and j.finished_at else None,
