@@ -16,8 +16,9 @@ moves to duplicated descriptors: fd 1 becomes a copy of stderr (``print`` in a c
 in the log) and fd 0 reads ``/dev/null``. A callback that hangs or kills the process is the
 parent's business: it stops waiting, kills the process group and starts a new process.
 
-Only the loader and the spec are imported up front (the package's names load lazily), so a
-start costs an interpreter plus pydantic; the services' own imports happen at their first call.
+Only :mod:`services_registry._calling` and what it needs (the loader, no pydantic) are imported
+up front (the package's names load lazily), so a start costs little more than an interpreter;
+the services' own imports happen at their first call.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any, BinaryIO
 
 
@@ -47,27 +49,32 @@ def _send(writer: BinaryIO, message: dict[str, Any]) -> None:
 def main() -> int:
     """Serve callback calls until stdin closes."""
     reader, writer = _protocol()
-    from services_registry.callbacks import CallbackOutcome, call_callback
-    from services_registry.runtime import LoadedService
-    from services_registry.spec import JobSpec, ServiceSpec
+    from services_registry._calling import CallbackOutcome, call_callback
+    from services_registry.runtime import ServiceCallbacks, ServiceCode
 
     _send(writer, {"ready": True})
     headers: dict[str, Any] = {}
-    services: dict[tuple[str, str], LoadedService] = {}
+    services: dict[ServiceCode, ServiceCallbacks] = {}
     for line in reader:
         message = json.loads(line)
         if "headers" in message:
             headers = message["headers"]
             continue
         described = message["service"]
-        key = (described["name"], described["content_hash"])
-        if key not in services:
-            services[key] = LoadedService(ServiceSpec.model_validate({**described, "jobs": ()}))
-        job = JobSpec.model_validate(message["job"])
+        code = ServiceCode(
+            name=described["name"],
+            source=described["source"],
+            registry_dir=Path(described["registry_dir"]) if described["registry_dir"] else None,
+            module_dir=Path(described["module_dir"]) if described["module_dir"] else None,
+            entry=described["entry"],
+        )
+        if code not in services:
+            services[code] = ServiceCallbacks(code)
+        job = message["job"]
         added: dict[str, Any] = message["added_params"]
-        outcome = call_callback(services[key], job, headers, added)
+        outcome = call_callback(services[code], job["name"], job["callback"], job["params"], headers, added)
         try:
-            _send(writer, {"outcome": outcome.model_dump(), "added_params": added})
+            _send(writer, {"outcome": outcome.to_json(), "added_params": added})
         except (TypeError, ValueError) as exc:  # params the workers could not receive either
             outcome = CallbackOutcome(
                 scheduled=False,
@@ -75,7 +82,7 @@ def main() -> int:
                 reason=f"callback returned params that are not JSON: {exc}",
                 error=f"params not JSON: {exc}",
             )
-            _send(writer, {"outcome": outcome.model_dump(), "added_params": json.loads(line)["added_params"]})
+            _send(writer, {"outcome": outcome.to_json(), "added_params": json.loads(line)["added_params"]})
     return 0
 
 

@@ -29,7 +29,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from services_registry.callbacks import CallbackOutcome, RejectionKind
+from services_registry._calling import CallbackOutcome, RejectionKind
+from services_registry.runtime import ServiceCode
 from services_registry.spec import JobSpec, ServiceSpec
 
 __all__ = ["CallbackProcesses", "STARTUP_TIMEOUT"]
@@ -40,8 +41,6 @@ STARTUP_TIMEOUT = 60.0
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
 """Folder holding the ``services_registry`` package, for children in a service's venv."""
 
-_SERVICE_FIELDS = {"name", "source", "root", "registry_dir", "module_dir", "origin", "entry", "content_hash"}
-_JOB_FIELDS = {"job_name", "worker", "callback", "params"}
 
 
 class _Died(Exception):
@@ -185,9 +184,10 @@ class CallbackProcesses:
 
         Never raises for the service's sake: a timeout or a dead child is an outcome.
         """
+        code = ServiceCode.of(spec)
         message = {
-            "service": spec.model_dump(mode="json", include=_SERVICE_FIELDS),
-            "job": job.model_dump(mode="json", include=_JOB_FIELDS),
+            "service": {**vars(code), "registry_dir": _text(code.registry_dir), "module_dir": _text(code.module_dir)},
+            "job": {"name": job.job_name, "callback": job.callback, "params": job.params},
             "added_params": added_params,
         }
         child = self._children.get(python)
@@ -215,7 +215,11 @@ class CallbackProcesses:
             return _not_selected("callback_crashed", f"callback crashed its process ({how})")
         added_params.clear()
         added_params.update(reply["added_params"])
-        return CallbackOutcome.model_validate(reply["outcome"])
+        return CallbackOutcome(**reply["outcome"])
+
+
+def _text(path: Path | None) -> str | None:
+    return str(path) if path is not None else None
 
 
 def _not_selected(kind: RejectionKind, reason: str) -> CallbackOutcome:

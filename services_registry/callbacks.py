@@ -23,8 +23,8 @@ callback that hangs, kills its interpreter or breaks its imports only costs its 
 counts as not selected with the reason (``callback_timeout``, ``callback_crashed``). This
 process drives the ``sortPosition`` order and hands the accumulated ``added_params`` to every
 call, so the order and sharing above hold across processes (values travel as JSON, as they are
-stored for the workers anyway). :func:`evaluate_callbacks` runs them in this process: the child
-uses it for one call at a time (:func:`call_callback`), and so do tests of the semantics.
+stored for the workers anyway). :func:`evaluate_callbacks` runs them in this process (tests of
+the semantics do); both call one callback with :func:`services_registry._calling.call_callback`.
 
 Two seed bugs are *not* copied: ``added_params`` starts empty on every evaluation (the seed's
 mutable default argument leaked entries between triggers), and callbacks get copies of
@@ -44,7 +44,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from services_registry.loader import strip_mangled
+from services_registry._calling import CallbackOutcome, RejectionKind, call_callback, interpret_result
 from services_registry.runtime import LoadedService
 from services_registry.spec import JobSpec, ServiceSpec
 
@@ -61,10 +61,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-RejectionKind = Literal[
-    "callback_false", "callback_raised", "callback_timeout", "callback_crashed", "disabled", "dependency"
-]
 
 DEFAULT_CALLBACK_TIMEOUT = 30.0
 """Seconds one callback may take before its job counts as not selected (``DCMFLOW_CALLBACK_TIMEOUT``)."""
@@ -94,22 +90,6 @@ class RejectedJob(BaseModel):
     reason: str
 
 
-class CallbackOutcome(BaseModel):
-    """What one callback decided: scheduled with ``params``, or not, with the kind and reason.
-
-    Also the reply of the callback process, so it stays JSON. ``error`` keeps the raw
-    message of a callback that raised, for the seed's log line.
-    """
-
-    model_config = ConfigDict(frozen=True)
-
-    scheduled: bool
-    params: dict[str, Any] = {}
-    kind: RejectionKind | None = None
-    reason: str | None = None
-    error: str | None = None
-
-
 class Evaluation(BaseModel):
     """Outcome of one evaluation: selected jobs (acceptance order), rejected jobs (evaluation
     order), the final ``added_params`` every worker receives, and the evaluation order."""
@@ -129,60 +109,6 @@ class Evaluation(BaseModel):
     def reasons(self) -> dict[str, str]:
         """``{jobName: reason}`` of every rejected job."""
         return {r.job.job_name: r.reason for r in self.rejected}
-
-
-def interpret_result(result: Any) -> tuple[bool, dict[str, Any], Any]:
-    """Read a callback's return value the way the seed's ``check_callbacks`` does.
-
-    Returns
-    -------
-    tuple
-        ``(scheduled, params, raw result)``.
-
-    Raises
-    ------
-    IndexError
-        For an empty list or tuple (the seed's ``r[0]`` fails there too).
-    """
-    if isinstance(result, (list, tuple)):
-        value = result[0]
-        params = result[1] if len(result) > 1 and isinstance(result[1], dict) else {}
-    else:
-        value, params = result, {}
-    return bool(value), params, value
-
-
-def call_callback(
-    service: LoadedService, job: JobSpec, headers: dict[str, Any], added_params: dict[str, Any]
-) -> CallbackOutcome:
-    """Call ``job``'s callback in this process, as the seed's ``check_callbacks`` does.
-
-    ``headers`` and ``added_params`` are handed over as they are (shared objects: a callback
-    may change them); ``params`` is a copy of the job's.
-    """
-    try:
-        function = service.callback(job)
-        with service.context():
-            raw = function(
-                jobName=job.job_name,
-                headers=headers,
-                params=copy.deepcopy(job.params),
-                added_params=added_params,
-            )
-        scheduled, params, value = interpret_result(raw)
-    except Exception as exc:  # a service's bug must not stop the others (seed behaviour)
-        return CallbackOutcome(
-            scheduled=False,
-            kind="callback_raised",
-            reason=f"callback raised {type(exc).__name__}: {strip_mangled(str(exc))}",
-            error=str(exc),
-        )
-    if scheduled:
-        return CallbackOutcome(scheduled=True, params=params)
-    why = params.get("reason") if isinstance(params.get("reason"), str) else None
-    return CallbackOutcome(
-        scheduled=False, kind="callback_false", reason=f"callback returned {value!r}" + (f": {why}" if why else "")
-    )
 
 
 def evaluate_callbacks(
@@ -213,7 +139,7 @@ def evaluate_callbacks(
     shared_headers = copy.deepcopy(dict(headers))
 
     def call(spec: ServiceSpec, job: JobSpec, added: dict[str, Any]) -> CallbackOutcome:
-        return call_callback(by_spec[id(spec)], job, shared_headers, added)
+        return call_callback(by_spec[id(spec)], job.job_name, job.callback, job.params, shared_headers, added)
 
     return _evaluate([service.spec for service in services], level, call)
 

@@ -5,6 +5,10 @@ callback functions (imported privately, see :mod:`services_registry.loader`) and
 in which to call them, so a callback importing its own package at call time still gets its
 own files. Workers are never imported here; :meth:`LoadedService.worker_problem` only checks
 that a worker name resolves.
+
+The callback part, :class:`ServiceCallbacks`, needs only where the code is
+(:class:`ServiceCode`), not the pydantic spec: the callback process
+(:mod:`services_registry._callback_host`) uses it without importing pydantic.
 """
 
 from __future__ import annotations
@@ -13,57 +17,75 @@ import importlib
 import importlib.util
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from services_registry.loader import IsolatedImporter, find_attribute, top_level_names
-from services_registry.spec import JobSpec, ServiceSpec
 
-__all__ = ["LoadedService", "loaded"]
+if TYPE_CHECKING:
+    from services_registry.spec import JobSpec, ServiceSpec
+
+__all__ = ["ServiceCode", "ServiceCallbacks", "LoadedService", "loaded"]
 
 
-def _python_tops(spec: ServiceSpec) -> dict[str, Path]:
+@dataclass(frozen=True)
+class ServiceCode:
+    """Where a service's code is: the fields of :class:`ServiceSpec` that importing it needs."""
+
+    name: str
+    source: str
+    registry_dir: Path | None
+    module_dir: Path | None
+    entry: str | None
+
+    @classmethod
+    def of(cls, spec: ServiceSpec) -> ServiceCode:
+        """The code location of ``spec``."""
+        return cls(spec.name, spec.source, spec.registry_dir, spec.module_dir, spec.entry)
+
+
+def _python_tops(code: ServiceCode) -> dict[str, Path]:
     """The one top-level name of a Python-API service, from its ``entry``."""
-    assert spec.entry and spec.registry_dir
-    top = spec.entry.split(":", 1)[0].split(".", 1)[0]
-    package = spec.registry_dir / top
-    return {top: package if package.is_dir() else spec.registry_dir / f"{top}.py"}
+    assert code.entry and code.registry_dir
+    top = code.entry.split(":", 1)[0].split(".", 1)[0]
+    package = code.registry_dir / top
+    return {top: package if package.is_dir() else code.registry_dir / f"{top}.py"}
 
 
-class LoadedService:
+class ServiceCallbacks:
     """Callbacks of one service, resolved in a private namespace.
 
     Parameters
     ----------
-    spec
-        The service; its ``registry_dir``/``module_dir`` say where the code is.
+    code
+        Where the service's code is (``registry_dir``/``module_dir``).
     """
 
-    def __init__(self, spec: ServiceSpec) -> None:
-        self.spec = spec
-        if spec.source == "folder":
-            assert spec.registry_dir and spec.module_dir
-            self.callback_tops = top_level_names(spec.registry_dir, alias=spec.name)
-            self.worker_tops = top_level_names(spec.module_dir, alias=spec.name)
+    def __init__(self, code: ServiceCode) -> None:
+        self.code = code
+        if code.source == "folder":
+            assert code.registry_dir and code.module_dir
+            self.callback_tops = top_level_names(code.registry_dir, alias=code.name)
+            self.worker_tops = top_level_names(code.module_dir, alias=code.name)
             side = "registry"
-        elif spec.source == "python":
-            self.callback_tops = self.worker_tops = _python_tops(spec)
+        elif code.source == "python":
+            self.callback_tops = self.worker_tops = _python_tops(code)
             side = "python"
         else:  # installed distribution: ordinary imports
             self.callback_tops = self.worker_tops = {}
             side = "python"
-        self._importer = IsolatedImporter(spec.name, side, self.callback_tops) if self.callback_tops else None
+        self._importer = IsolatedImporter(code.name, side, self.callback_tops) if self.callback_tops else None
         self._callbacks: dict[str, Callable[..., Any]] = {}
 
-    def callback(self, job: JobSpec) -> Callable[..., Any]:
-        """The callback function of ``job``, imported once.
+    def resolve(self, dotted: str) -> Callable[..., Any]:
+        """The callback function named ``dotted``, imported once.
 
         Raises
         ------
         ImportError, AttributeError, TypeError
             When the dotted name does not resolve to a callable.
         """
-        dotted = job.callback
         if dotted not in self._callbacks:
             top = dotted.split(".", 1)[0]
             if self._importer is not None and top in self.callback_tops:
@@ -79,6 +101,29 @@ class LoadedService:
     def context(self) -> Any:
         """Context manager to call this service's callbacks in (plain names → its files)."""
         return self._importer.active() if self._importer is not None else nullcontext()
+
+    def close(self) -> None:
+        """Drop the privately imported modules."""
+        if self._importer is not None:
+            self._importer.close()
+
+
+class LoadedService(ServiceCallbacks):
+    """A service's callbacks, and checks of its workers, from its :class:`ServiceSpec`.
+
+    Parameters
+    ----------
+    spec
+        The service; its ``registry_dir``/``module_dir`` say where the code is.
+    """
+
+    def __init__(self, spec: ServiceSpec) -> None:
+        super().__init__(ServiceCode.of(spec))
+        self.spec = spec
+
+    def callback(self, job: JobSpec) -> Callable[..., Any]:
+        """The callback function of ``job``, imported once (see :meth:`resolve`)."""
+        return self.resolve(job.callback)
 
     def worker_problem(self, job: JobSpec) -> str | None:
         """Why ``job.worker`` does not resolve, or ``None`` when it does (nothing imported)."""
@@ -101,11 +146,6 @@ class LoadedService:
             names = ", ".join(sorted(self.worker_tops)) or "none"
             return f"no package {top!r} in {where} (found: {names}) nor installed"
         return None
-
-    def close(self) -> None:
-        """Drop the privately imported modules."""
-        if self._importer is not None:
-            self._importer.close()
 
 
 @contextmanager
