@@ -161,3 +161,28 @@ def test_modules_of_the_same_name_stay_with_their_service(make_service) -> None:
     }
     assert evaluation.reasons() == {"beta-borrow": "callback raised ModuleNotFoundError: No module named 'only_in_alpha'"}
     assert not [k for k in sys.modules if k.split(".")[0] in {"common", "helpers", "only_in_alpha"}]
+
+
+def test_services_plan_shows_why(unruly: Path, dicom_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``dcmflow services plan`` evaluates with DCMFLOW_CALLBACK_TIMEOUT and prints the reasons."""
+    import typer
+    from typer.testing import CliRunner
+
+    from dcmflow.cli import services
+    from storage import db
+
+    home = tmp_path / "home"
+    home.mkdir()
+    db.upgrade(db.create_engine(f"sqlite:///{(home / 'dcmflow.db').resolve()}"))
+    monkeypatch.setenv("DCMFLOW_HOME", str(home))
+    monkeypatch.setenv("DCMFLOW_CALLBACK_TIMEOUT", "1")
+    app = typer.Typer(pretty_exceptions_enable=False)
+    app.add_typer(services.app, name="services")
+    runner = CliRunner()
+    assert runner.invoke(app, ["services", "install", str(unruly)]).exit_code == 0
+    result = runner.invoke(app, ["services", "plan", "--dir", str(dicom_dir / "ct")])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())
+    assert "hangs (unruly): callback timed out after 1 s" in text
+    assert "exits (unruly): callback crashed its process (exit code 3)" in text
+    assert "segfaults (unruly): callback crashed its process (killed by SIGSEGV)" in text
