@@ -571,7 +571,7 @@ def action_watcher(api_url: str) -> Callable[[], list[dict[str, Any]]]:
             return []
         for failure in new:
             seen.add(failure["id"])
-            log.error("automation %r could not start its flow run: %s", failure["automation"], failure["reason"])
+            log.error("automation %r: its action failed: %s", failure["automation"], failure["reason"])
         return new
 
     return check

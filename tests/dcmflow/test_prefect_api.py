@@ -106,3 +106,37 @@ def test_a_server_that_never_answered_fails_at_once() -> None:
         with pytest.raises(httpx.ConnectError):
             api.get("/health")
     assert time.monotonic() - started < 2
+
+
+def test_failed_actions_leave_out_refusals_to_touch_a_run_that_has_ended(prefect_server) -> None:  # type: ignore[no-untyped-def]
+    """The zombie automation fires for a run whose last heartbeat came after its Completed event
+    (Prefect issue #21932): the server refuses, the run stays Completed, nothing to report."""
+    import datetime as dt
+    import uuid
+
+    from dcmflow.prefect_api import ACTION_FAILED, failed_actions
+
+    since = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=5)
+    marker = uuid.uuid4().hex
+    reasons = {
+        "ended": "Failed to set state: Run is already in terminal state COMPLETED.",
+        "refused": f"Validation error in parameters {marker}: revision is not an integer",
+    }
+    events = [{
+        "id": str(uuid.uuid4()),
+        "occurred": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "event": ACTION_FAILED,
+        "resource": {"prefect.resource.id": f"prefect.automation.{uuid.uuid4()}", "prefect.resource.name": f"{name}-{marker}"},
+        "payload": {"reason": reason},
+    } for name, reason in reasons.items()]
+    with api_client(str(prefect_server.api_url)) as api:
+        api.post("/events", json=events).raise_for_status()
+
+    def mine() -> list[dict[str, object]]:
+        return [f for f in failed_actions(str(prefect_server.api_url), since) if marker in str(f["automation"])]
+
+    deadline = time.monotonic() + 30
+    while not mine() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(1)  # both events were posted in one request: give the second the same chance
+    assert [(f["automation"], f["reason"]) for f in mine()] == [(f"refused-{marker}", reasons["refused"])]

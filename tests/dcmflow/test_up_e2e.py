@@ -396,7 +396,7 @@ def test_a_run_the_server_refuses_is_reported(stack: Up) -> None:
         timeout=60,
     )
     assert status["running"] and status["stack"]["dicom_port"] == stack.dicom_port
-    wait_for("up to log it", lambda: "could not start its flow run" in stack.log.read_text(), timeout=20)
+    wait_for("up to log it", lambda: "its action failed" in stack.log.read_text(), timeout=20)
 
 
 def _marked(home: Path) -> list[int]:
