@@ -404,7 +404,7 @@ def _venv_problem(settings: Settings, name: str, version: str | None, module_dir
     if venv is None:
         return None
     if not (venv / READY_MARKER).is_file():
-        return "warn", f"its venv {venv} is not built yet (the first job builds it with pip)"
+        return "warn", f"its venv {venv} is not built yet (the first series' callbacks build it with pip)"
     if not os.access(venv / "bin" / "python", os.X_OK):
         return "fail", f"its venv {venv} has no usable bin/python (delete the folder; the next job rebuilds it)"
     return None

@@ -131,14 +131,18 @@ class _Child:
         self.process.wait()
         self.close()
 
-    def stop(self) -> None:
-        """End the child: closing its stdin ends its loop; kill it if it lingers."""
+    def end_input(self) -> None:
+        """Close the child's stdin: it leaves its loop and exits."""
         try:
             self._stdin.close()
         except OSError:
             pass
+
+    def stop(self) -> None:
+        """End the child (see :meth:`end_input`); kill it, and whatever it started, if it lingers."""
+        self.end_input()
         try:
-            self.process.wait(timeout=5)
+            self.process.wait(timeout=2)
         except subprocess.TimeoutExpired:
             pass
         self.kill()
@@ -175,6 +179,8 @@ class CallbackProcesses:
     def __exit__(
         self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
     ) -> None:
+        for child in self._children.values():
+            child.end_input()  # all at once: they exit side by side
         for child in self._children.values():
             child.stop()
         self._children.clear()
