@@ -1,4 +1,4 @@
-"""Completeness: claims that declare series and studies stable, and their emitted marks.
+"""Completeness (DESIGN.md "completeness monitor"): stable and received claims, emitted marks.
 
 A series is *receiving* until :meth:`Repository.claim_due_series` declares it *stable*: when
 its calling peer's ``stable_age_seconds`` (or the default stable age) has passed since the
@@ -141,6 +141,19 @@ def _claim_rows(conn: Connection, table: sa.Table, due: sa.Select[Any], *, now: 
             .where(table.c.id.in_(ids), table.c.state == RECEIVING)
             .values(state=STABLE, stable_at=now, claimed_by=claimer, claimed_at=now)
             .returning(table.c.id)
+        ).scalars()
+    )
+
+
+def _unemitted_ids(conn: Connection, table: sa.Table, claimed_before: dt.datetime, limit: int) -> list[int]:
+    """Ids of ``table``'s rows claimed stable by ``claimed_before`` but never marked emitted,
+    oldest claim first (read through the partial index ``ix_series_unemitted`` / ``ix_study_unemitted``)."""
+    return list(
+        conn.execute(
+            sa.select(table.c.id)
+            .where(sa.text(m.UNEMITTED_PREDICATE), table.c.claimed_at <= claimed_before)
+            .order_by(table.c.claimed_at, table.c.id)
+            .limit(limit)
         ).scalars()
     )
 
@@ -418,28 +431,14 @@ class CompletenessRecords(RecordsCore):
         """
         _require_aware(claimed_before, "claimed_before")
         with self.engine.connect() as conn:
-            ids = list(
-                conn.execute(
-                    sa.select(T_SERIES.c.id)
-                    .where(sa.text(m.UNEMITTED_PREDICATE), T_SERIES.c.claimed_at <= claimed_before)
-                    .order_by(T_SERIES.c.claimed_at, T_SERIES.c.id)
-                    .limit(limit)
-                ).scalars()
-            )
+            ids = _unemitted_ids(conn, T_SERIES, claimed_before, limit)
             return self._series_claims(conn, ids) if ids else []
 
     def list_unemitted_studies(self, claimed_before: dt.datetime, limit: int = 100) -> list[StudyClaim]:
         """The study analogue of :meth:`list_unemitted_series` (index ``ix_study_unemitted``)."""
         _require_aware(claimed_before, "claimed_before")
         with self.engine.connect() as conn:
-            ids = list(
-                conn.execute(
-                    sa.select(T_STUDY.c.id)
-                    .where(sa.text(m.UNEMITTED_PREDICATE), T_STUDY.c.claimed_at <= claimed_before)
-                    .order_by(T_STUDY.c.claimed_at, T_STUDY.c.id)
-                    .limit(limit)
-                ).scalars()
-            )
+            ids = _unemitted_ids(conn, T_STUDY, claimed_before, limit)
             return self._study_claims(conn, ids) if ids else []
 
     def claim_received_studies(

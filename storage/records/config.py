@@ -1,5 +1,4 @@
-"""Peers, cluster nodes and application settings: small key-addressed tables.
-"""
+"""Peers, cluster nodes and application settings: small key-addressed tables."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Installed services: one row per version (one active), its job specs, and the workers.
-"""
+"""Installed services: one row per version (one active), its job specs, and the workers."""
 
 from __future__ import annotations
 

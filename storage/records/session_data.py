@@ -1,5 +1,4 @@
-"""Session data (named JSON values, per job or for the whole session) and session files.
-"""
+"""Session data (named JSON values, per job or for the whole session) and session files."""
 
 from __future__ import annotations
 
