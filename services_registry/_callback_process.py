@@ -82,7 +82,9 @@ class _Child:
 
     def _send(self, message: dict[str, Any]) -> None:
         try:
-            self._stdin.write(json.dumps(message).encode() + b"\n")
+            # default=str: headers and a job's params are meant to be JSON already (they reach
+            # the workers as JSON); anything else arrives as its text rather than failing the run
+            self._stdin.write(json.dumps(message, default=str).encode() + b"\n")
             self._stdin.flush()
         except (BrokenPipeError, ConnectionResetError) as exc:
             raise _Died from exc

@@ -186,3 +186,14 @@ def test_services_plan_shows_why(unruly: Path, dicom_dir: Path, tmp_path: Path, 
     assert "hangs (unruly): callback timed out after 1 s" in text
     assert "exits (unruly): callback crashed its process (exit code 3)" in text
     assert "segfaults (unruly): callback crashed its process (killed by SIGSEGV)" in text
+
+
+def test_values_that_are_not_json_arrive_as_text(make_service) -> None:  # type: ignore[no-untyped-def]
+    spec = load_service(make_service("texts", [
+        {"jobName": "echo", "worker": "common.work", "callback": "common.echo", "params": {"n": 1}},
+    ], {"common/__init__.py": """
+        def echo(jobName, headers, params, added_params, **kwargs):
+            return True, {"path": headers["path"], "n": params["n"]}
+    """}, {"common/__init__.py": "def work(**kw):\n    pass\n"}))
+    evaluation = evaluate_isolated([spec], {"path": Path("/data/x")})
+    assert evaluation.added_params == {"echo": {"path": "/data/x", "n": 1}}
