@@ -36,11 +36,10 @@ from services_registry.spec import JobSpec, ServiceSpec
 __all__ = ["CallbackProcesses", "STARTUP_TIMEOUT"]
 
 STARTUP_TIMEOUT = 60.0
-"""Seconds a child may take to start (an interpreter and pydantic; a loaded machine is slow)."""
+"""Seconds a child may take to start (about 0.1 s; generous for a loaded machine or a cold disk)."""
 
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
 """Folder holding the ``services_registry`` package, for children in a service's venv."""
-
 
 
 class _Died(Exception):
