@@ -45,7 +45,12 @@ app.command(name="doctor")(doctor.doctor)
 
 @app.command()
 def version() -> None:
-    """Print the dcmflow version."""
+    """Print the dcmflow version.
+
+    Examples:
+
+        dcmflow version
+    """
     typer.echo(__version__)
 
 

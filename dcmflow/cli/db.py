@@ -14,7 +14,14 @@ app = typer.Typer(help="Create and migrate the records database.", no_args_is_he
 def upgrade(
     revision: str = typer.Option("head", help="Alembic revision to upgrade to."),
 ) -> None:
-    """Create or migrate the database schema (SQLite by default, PostgreSQL via DCMFLOW_DATABASE_URL)."""
+    """Create or migrate the database schema (SQLite by default, PostgreSQL via DCMFLOW_DATABASE_URL).
+
+    Examples:
+
+        dcmflow db upgrade
+
+        DCMFLOW_DATABASE_URL=postgresql+psycopg://dcmflow@db/dcmflow dcmflow db upgrade
+    """
     from storage import db
     from storage.errors import StorageError
 
@@ -34,7 +41,12 @@ def upgrade(
 
 @app.command()
 def current() -> None:
-    """Print the schema revision the database is at (empty when never upgraded)."""
+    """Print the schema revision the database is at (empty when never upgraded).
+
+    Examples:
+
+        dcmflow db current
+    """
     from storage import db
 
     from dcmflow.wiring import describe_database

@@ -369,6 +369,14 @@ def demo(
     error), when sending failed, or on timeout (saying what it still waited for).
 
     Try it: `dcmflow up` in one terminal, `dcmflow demo` in another.
+
+    Examples:
+
+        dcmflow demo
+
+        dcmflow demo --timeout 600 --json
+
+        dcmflow demo --host 10.0.0.5 --port 104 --ae-title ARCHIVE
     """
     from dcmflow.stack_state import read_state
     from dcmflow.synthetic import make_ct_study

@@ -20,6 +20,12 @@ def doctor(
     """Check settings, database, object store, DICOM port, Prefect, services and DCMTK; say what to fix.
 
     Exits 0 when no check failed (warnings allowed), 1 otherwise.
+
+    Examples:
+
+        dcmflow doctor
+
+        dcmflow doctor --json --timeout 2
     """
     from dcmflow.doctor import run_checks
 

@@ -38,6 +38,14 @@ def import_command(
 
     Files that are not DICOM are listed (one line each on stderr) and counted; they do not stop
     the import. Re-importing the same files records nothing new (duplicates).
+
+    Examples:
+
+        dcmflow import /media/cdrom/DICOM
+
+        dcmflow import study1/ study2/ --source CD-IMPORT
+
+        dcmflow import --watch /srv/incoming --interval 5
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 

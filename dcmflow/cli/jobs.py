@@ -18,7 +18,14 @@ def list_jobs(
     state: str | None = typer.Option(None, "--state", help="Only jobs in this state (succeeded, failed, timed_out, skipped …)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """List job runs, oldest first."""
+    """List job runs, oldest first.
+
+    Examples:
+
+        dcmflow jobs list --series 1.2.840.113619.2.55.3.1234
+
+        dcmflow jobs list --state failed --json
+    """
     from storage.errors import StorageError
 
     from dcmflow.cli._common import open_repository

@@ -60,7 +60,9 @@ def add_peer(
 def list_peers(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """List the peers.
 
-    Example: ``dcmflow peers list --json``
+    Examples:
+
+        dcmflow peers list --json
     """
     repository = open_repository(load_settings())
     emit(repository.list_peers(), as_json, columns=_COLUMNS, title="Peers")
@@ -70,7 +72,9 @@ def list_peers(as_json: bool = typer.Option(False, "--json", help="Print JSON.")
 def remove_peer(name: str = typer.Argument(..., help="Peer name.")) -> None:
     """Remove a peer (it may no longer send to us, and nothing is sent to it).
 
-    Example: ``dcmflow peers remove CT1``
+    Examples:
+
+        dcmflow peers remove CT1
     """
     repository = open_repository(load_settings())
     if not repository.remove_peer(name):
@@ -86,7 +90,9 @@ def echo_peer(
 ) -> None:
     """C-ECHO a peer with our AE title: can we reach it, does it accept us?
 
-    Example: ``dcmflow peers echo PACS``
+    Examples:
+
+        dcmflow peers echo PACS
     """
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]

@@ -93,7 +93,14 @@ def process(
     max_parallel: int | None = typer.Option(None, "--max-parallel", min=1, help="Jobs at once (default DCMFLOW_MAX_PARALLEL_JOBS or 4)."),
     as_json: bool = typer.Option(False, "--json", help="Print the job records as JSON (with --wait)."),
 ) -> None:
-    """Run the services on a received series now (the process-series flow)."""
+    """Run the services on a received series now (the process-series flow).
+
+    Examples:
+
+        dcmflow process 1.2.840.113619.2.55.3.1234
+
+        dcmflow process 1.2.840.113619.2.55.3.1234 --wait
+    """
     settings = load_settings()
     _check_series(settings, series_uid)
     if not wait:
@@ -170,6 +177,14 @@ def reprocess(
 
     With --all or --since, every (recent) series gets a reprocess run on the running stack's
     backfill queue instead: runs started by DICOM events keep going first.
+
+    Examples:
+
+        dcmflow reprocess 1.2.840.113619.2.55.3.1234 --job ct-volume --wait
+
+        dcmflow reprocess --all
+
+        dcmflow reprocess --since 2026-12-01 --job preview
     """
     settings = load_settings()
     if all_series or since is not None:

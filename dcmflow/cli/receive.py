@@ -109,7 +109,16 @@ def receive(
     tls_key: Path | None = typer.Option(None, "--tls-key", help="PEM private key for --tls-cert (default DCMFLOW_TLS_KEY)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:
-    """Receive DICOM (C-STORE, C-ECHO) until SIGINT/SIGTERM: one log line per association and batch."""
+    """Receive DICOM (C-STORE, C-ECHO) until SIGINT/SIGTERM: one log line per association and batch.
+
+    Examples:
+
+        dcmflow receive
+
+        dcmflow receive --port 104 --ae-title ARCHIVE --trusted-network 10.0.0.0/24
+
+        dcmflow receive --tls-cert cert.pem --tls-key key.pem
+    """
     from receiver.errors import ReceiverError
     from receiver.runner import Receiver
     from storage.errors import StorageError

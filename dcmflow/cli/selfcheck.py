@@ -48,7 +48,14 @@ def selfcheck(
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
     keep: bool = typer.Option(False, "--keep", help="Keep the test objects (for inspection)."),
 ) -> None:
-    """Check the configured database and object store end to end (writes, then cleans up)."""
+    """Check the configured database and object store end to end (writes, then cleans up).
+
+    Examples:
+
+        dcmflow selfcheck
+
+        dcmflow selfcheck --json
+    """
     from storage import archive, db
     from storage.errors import ObjectExistsError
     from storage.keys import instance_key

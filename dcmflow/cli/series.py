@@ -63,7 +63,14 @@ def list_series(
     limit: int = typer.Option(50, "--limit", "-n", min=1, help="At most this many series, most recent first."),
     state: State | None = typer.Option(None, "--state", help="Only series in this state."),
 ) -> None:
-    """List series, most recently received first."""
+    """List series, most recently received first.
+
+    Examples:
+
+        dcmflow series list
+
+        dcmflow series list --state stable -n 50 --json
+    """
     from storage.errors import StorageError
 
     repository = open_repository(load_settings())
@@ -80,7 +87,12 @@ def show_series(
     uid: str = typer.Argument(..., help="Series Instance UID."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON object."),
 ) -> None:
-    """Show one series: UIDs, patient, modality, description, counts, state, revision, times."""
+    """Show one series: UIDs, patient, modality, description, counts, state, revision, times.
+
+    Examples:
+
+        dcmflow series show 1.2.840.113619.2.55.3.1234
+    """
     from storage.errors import StorageError
     from storage.keys import is_valid_uid
 

@@ -70,6 +70,14 @@ def install(
     With --entry-points, record instead every service that installed Python distributions
     advertise under the ``dcmflow.services`` entry point group (nothing is copied: the code
     is imported by name from this environment).
+
+    Examples:
+
+        dcmflow services install ./my_service
+
+        dcmflow services install tests/examples/ct_volume_py.py --name ct-volume-py
+
+        dcmflow services install --entry-points
     """
     from services_registry.install import install_service
     from services_registry.load import load_service
@@ -122,7 +130,12 @@ def remove(
     name: str = typer.Argument(..., help="Installed service name."),
     backup: Path | None = typer.Option(None, "--backup", "-b", help="Copy it to DIR/<name>/ first."),
 ) -> None:
-    """Remove every version of a service (files, records, bundles), optionally backing it up first."""
+    """Remove every version of a service (files, records, bundles), optionally backing it up first.
+
+    Examples:
+
+        dcmflow services remove ct-volume --backup ./backups
+    """
     from services_registry.install import remove_service
 
     settings = load_settings()
@@ -139,7 +152,12 @@ def backup(
     name: str = typer.Argument(..., help="Installed service name."),
     directory: Path = typer.Argument(..., help="Folder to copy it into (as DIR/<name>/)."),
 ) -> None:
-    """Copy the active version of a service to DIR/<name>/ (re-installable as is)."""
+    """Copy the active version of a service to DIR/<name>/ (re-installable as is).
+
+    Examples:
+
+        dcmflow services backup ct-volume ./backups
+    """
     from services_registry.install import backup_service
 
     settings = load_settings()
@@ -158,7 +176,11 @@ def list_services(
 ) -> None:
     """List installed services (active versions); with --all, every service you could enable.
 
-    Example: ``dcmflow services list --all``, then ``dcmflow services enable preview``.
+    Examples:
+
+        dcmflow services list
+
+        dcmflow services list --all --json
     """
     from services_registry.install import available_services, is_builtin
 
@@ -262,7 +284,9 @@ def disable(name: str = typer.Argument(..., help="Enabled service name.")) -> No
     """Turn a service off: new series no longer run its jobs (records and files are kept;
     `dcmflow services enable NAME` turns it back on with the same params).
 
-    Example: ``dcmflow services disable preview``
+    Examples:
+
+        dcmflow services disable preview
     """
     from services_registry.install import disable_service
 
@@ -278,7 +302,14 @@ def show(
     name: str = typer.Argument(..., help="Installed service name."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Show one installed service and its job specs."""
+    """Show one installed service and its job specs.
+
+    Examples:
+
+        dcmflow services show preview
+
+        dcmflow services show ct-volume --json
+    """
     from services_registry.errors import ServiceNotFoundError
 
     settings = load_settings()
@@ -377,7 +408,14 @@ def plan(
     directory: Path | None = typer.Option(None, "--dir", "-d", help="A folder of DICOM files not yet received."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Dry run: which jobs would run for a series, why others would not, and the DAG."""
+    """Dry run: which jobs would run for a series, why others would not, and the DAG.
+
+    Examples:
+
+        dcmflow services plan 1.2.840.113619.2.55.3.1234
+
+        dcmflow services plan --dir /path/to/one/series
+    """
     from services_registry.install import installed_specs
 
     if (series_uid is None) == (directory is None):

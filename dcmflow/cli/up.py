@@ -102,6 +102,16 @@ def up(
     arrives is stored, declared stable, and processed by the installed services as a
     process-series flow run you can watch in the UI. Ctrl-C (or SIGTERM) stops everything;
     starting again resumes what was left (spool, waiting series, unsent events, interrupted runs).
+
+    Examples:
+
+        dcmflow up --demo
+
+        DCMFLOW_STABLE_AGE=10 dcmflow up
+
+        dcmflow up --port 104 --prefect-port 4300
+
+        DCMFLOW_WORK_POOL=dcmflow dcmflow up
     """
     from dcmflow.stack import DCMFLOW_COMMAND, Stack, StackConfig, StackError
     from dcmflow.wiring import describe_database
@@ -220,7 +230,14 @@ def register_flows(
 
 
 def status(as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
-    """Show the running stack: Prefect API and UI, DICOM AE and port, what arrived, recent flow runs."""
+    """Show the running stack: Prefect API and UI, DICOM AE and port, what arrived, recent flow runs.
+
+    Examples:
+
+        dcmflow status
+
+        dcmflow status --json
+    """
     from dcmflow.stack import collect_status
 
     settings = load_settings()

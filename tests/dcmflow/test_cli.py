@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import re
+import shlex
+from collections.abc import Iterator
 from pathlib import Path
 
+import click
 import pytest
+import typer
 from sqlalchemy import inspect
 from typer.testing import CliRunner
 
@@ -20,6 +25,28 @@ def test_help_lists_the_commands() -> None:
     assert result.exit_code == 0
     for command in ("version", "db", "selfcheck"):
         assert command in result.output
+
+
+def _commands(group: click.Command, path: tuple[str, ...] = ("dcmflow",)) -> Iterator[tuple[tuple[str, ...], click.Command]]:
+    for name, sub in getattr(group, "commands", {}).items():
+        if not sub.hidden:
+            yield from _commands(sub, (*path, name)) if getattr(sub, "commands", None) else [((*path, name), sub)]
+
+
+def test_every_command_s_help_shows_examples_that_parse() -> None:
+    """Each example is a real command line: its path is the command's, its options exist."""
+    commands = list(_commands(typer.main.get_command(app)))
+    assert len(commands) > 20
+    for path, command in commands:
+        help_text = runner.invoke(app, [*path[1:], "--help"], env={"COLUMNS": "200"}).output
+        assert "Examples:" in help_text, " ".join(path)
+        examples = [shlex.split(line) for line in (command.help or "").split("Examples:", 1)[1].splitlines() if line.strip()]
+        assert examples, " ".join(path)
+        for words in examples:
+            while re.fullmatch(r"[A-Z_]+=.*", words[0]):  # VAR=value before the command
+                words = words[1:]
+            assert tuple(words[: len(path)]) == path, f"{' '.join(words)} is not an example of {' '.join(path)}"
+            command.make_context(path[-1], list(words[len(path):]))  # unknown options or missing args raise
 
 
 def test_version() -> None:
