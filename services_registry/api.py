@@ -24,13 +24,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+from services_registry._defaults import DEFAULT_SORT_POSITION, DEFAULT_TIMEOUT
 from services_registry._files import display_path, hash_files
 from services_registry.errors import ServiceValidationError
-from services_registry.folder import validate_service_name
 from services_registry.loader import IsolatedImporter, plain_module_name
-from services_registry.spec import DEFAULT_SORT_POSITION, DEFAULT_TIMEOUT, JobSpec, ServiceSpec, job_from_mapping
+
+if TYPE_CHECKING:  # imported where used: a service module importing Service needs no pydantic
+    from services_registry.spec import JobSpec, ServiceSpec
 
 __all__ = ["Service", "Job", "always", "load_python"]
 
@@ -170,6 +172,9 @@ class Service:
             Bad name, no jobs, a field failing :class:`JobSpec`, a duplicate job name or a
             function that is not module-level.
         """
+        from services_registry.folder import validate_service_name
+        from services_registry.spec import ServiceSpec, job_from_mapping
+
         service_name = validate_service_name(name or self.name, origin)
         if not self.jobs:
             raise ServiceValidationError(origin, None, f"service {service_name!r} declares no jobs")

@@ -46,6 +46,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from services_registry._defaults import DEFAULT_SORT_POSITION, DEFAULT_TIMEOUT
 from services_registry.errors import ServiceValidationError
 from storage.priority import DEFAULT_PRIORITY, PRIORITY_RANKS, priority_rank
 
@@ -60,12 +61,6 @@ __all__ = [
     "priority_rank",
     "job_from_mapping",
 ]
-
-DEFAULT_TIMEOUT = 3600.0
-"""Seconds a job may run when ``timeout`` is absent: ``"1h"`` everywhere in the seed."""
-
-DEFAULT_SORT_POSITION = 999
-"""``sortPosition`` of a registry job that names none (seed ``load_config``)."""
 
 # mongo-qas misc.parse_time_to_seconds: (\d+w)?(\d+d)?(\d+h)?(\d+m)?(\d+s)?
 _RE_DURATION = re.compile(r"(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
