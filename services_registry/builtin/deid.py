@@ -10,8 +10,11 @@ Every instance is written to ``$DATA/<output>/<new SeriesInstanceUID>/<new SOPIn
 as a PS3.10 file (new file meta, the original transfer syntax, pixel data byte for byte).
 The attribute actions are PS3.15 Table E.1-1's, from dicom-anonymizer's table; UIDs become
 an HMAC-SHA256 of the original under ``DCMFLOW_DEID_KEY``, so a study's series, re-runs and
-references inside sequences all agree on the new UIDs (see :mod:`._deid_profile`). Pixel
-data is not cleaned: the result counts instances whose Burned In Annotation is ``YES``.
+references inside sequences all agree on the new UIDs (see :mod:`._deid_profile`).
+
+Pixel data is not cleaned (that is the profile's Clean Pixel Data Option, not done here), so an
+instance whose Burned In Annotation (0028,0301) is ``YES`` has identifying text in its pixels:
+it is left out of the copy and counted, unless ``-p burned_in=keep`` says you take care of it.
 """
 
 from __future__ import annotations
@@ -94,12 +97,12 @@ class Written:
     path: Path
     study_uid: str
     series_uid: str
-    burned_in: bool
-    """Burned In Annotation (0028,0301) is YES: text in the pixels, which this profile leaves."""
 
 
-def deidentify_file(path: Path, out: Path, deidentifier: Deidentifier) -> Written:
-    """De-identify one PS3.10 file into ``out/<new series UID>/<new SOP UID>.dcm``.
+def deidentify_file(path: Path, out: Path, deidentifier: Deidentifier, *, keep_burned_in: bool = False) -> Written | None:
+    """De-identify one PS3.10 file into ``out/<new series UID>/<new SOP UID>.dcm``; ``None``
+    when it was left out because its pixels carry burned-in annotation (and ``keep_burned_in``
+    is false).
 
     Raises
     ------
@@ -113,6 +116,8 @@ def deidentify_file(path: Path, out: Path, deidentifier: Deidentifier) -> Writte
     missing = [k for k in ("SOPInstanceUID", "SOPClassUID", "SeriesInstanceUID") if not ds.get(k)]
     if missing:
         raise ValueError(f"{path.name} has no {', '.join(missing)}: not an instance that can be de-identified")
+    if not keep_burned_in and str(ds.get("BurnedInAnnotation") or "").strip().upper() == "YES":
+        return None
     transfer_syntax = _transfer_syntax(ds)
     deidentifier.apply(ds)
     mark_deidentified(ds)
@@ -120,8 +125,7 @@ def deidentify_file(path: Path, out: Path, deidentifier: Deidentifier) -> Writte
     target = out / str(ds.SeriesInstanceUID) / f"{ds.SOPInstanceUID}.dcm"
     target.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(target, enforce_file_format=True)
-    burned_in = str(ds.get("BurnedInAnnotation") or "").strip().upper() == "YES"
-    return Written(target, str(ds.get("StudyInstanceUID", "")), str(ds.SeriesInstanceUID), burned_in)
+    return Written(target, str(ds.get("StudyInstanceUID", "")), str(ds.SeriesInstanceUID))
 
 
 def _output_folder(params: dict[str, Any]) -> Path:
@@ -148,7 +152,7 @@ def _dicom_files(folder: Path) -> Iterator[Path]:
     name="deid",
     timeout="10m",
     sort_position=30,
-    params={"output": DEFAULT_OUTPUT, "forward_to": None},
+    params={"output": DEFAULT_OUTPUT, "forward_to": None, "burned_in": "exclude"},
     description="De-identified copy (PS3.15 Basic Profile, keyed-hash UIDs); forward_to sends it to a peer",
 )
 def deid(jobName: str, headers: dict[str, Any], params: dict[str, Any], added_params: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
@@ -159,8 +163,9 @@ def deid(jobName: str, headers: dict[str, Any], params: dict[str, Any], added_pa
     dict
         ``instances``, the new ``study_uids`` and ``series_uids`` (one each for a series
         folder), the ``output`` folders relative to ``$DATA``, ``profile``, what was done
-        (``actions``), ``burned_in_annotation`` (instances marked YES), and ``storage``
-        when ``forward_to`` names a peer.
+        (``actions``), ``burned_in_excluded`` (instances left out: Burned In Annotation YES;
+        ``burned_in=keep`` writes them), and ``storage`` when ``forward_to`` names a peer and
+        something was written.
 
     Raises
     ------
@@ -169,7 +174,8 @@ def deid(jobName: str, headers: dict[str, Any], params: dict[str, Any], added_pa
     FileNotFoundError
         The series folder is missing or holds no DICOM file.
     ValueError
-        ``output`` is not a folder under ``$DATA``, or an instance lacks the UIDs every instance has.
+        ``output`` is not a folder under ``$DATA``, ``burned_in`` is neither ``exclude`` nor
+        ``keep``, or an instance lacks the UIDs every instance has.
     """
     params = params or {}
     deidentifier = Deidentifier(deid_key())
@@ -181,14 +187,19 @@ def deid(jobName: str, headers: dict[str, Any], params: dict[str, Any], added_pa
     if not files:
         raise FileNotFoundError(f"no DICOM files in {headers['dcmpath']}")
 
-    written = [deidentify_file(path, out, deidentifier) for path in files]
-    burned_in = sum(w.burned_in for w in written)
+    policy = str(params.get("burned_in") or "exclude")
+    if policy not in ("exclude", "keep"):
+        raise ValueError(f"deid: burned_in must be 'exclude' or 'keep', not {policy!r}")
+    copies = [deidentify_file(path, out, deidentifier, keep_burned_in=policy == "keep") for path in files]
+    written = [w for w in copies if w is not None]
+    excluded = len(copies) - len(written)
     studies = sorted({w.study_uid for w in written})
     series = sorted({w.series_uid for w in written})
     folders = [(out / uid).relative_to(data_dir().resolve()).as_posix() for uid in series]
     print(f"deid: {len(written)} instances of {headers['dcmpath']} -> {', '.join(folders)} ({PROFILE_NAME})")
-    if burned_in:
-        print(f"deid: {burned_in} instances may have burned-in annotation (BurnedInAnnotation YES): pixels are not cleaned")
+    if excluded:
+        print(f"deid: left out {excluded} of {len(copies)} instances: Burned In Annotation YES (identifying text in "
+              "the pixels, which this profile does not clean; -p burned_in=keep writes them)")
     result: dict[str, Any] = {
         "instances": len(written),
         "study_uids": studies,
@@ -197,10 +208,10 @@ def deid(jobName: str, headers: dict[str, Any], params: dict[str, Any], added_pa
         "profile": PROFILE_NAME,
         "profile_table": PROFILE_TABLE,
         "actions": dict(deidentifier.counts),
-        "burned_in_annotation": burned_in,
+        "burned_in_excluded": excluded,
     }
     peer = params.get("forward_to")
-    if peer:
+    if peer and folders:
         result["storage"] = [{"type": "dicom", "path": folder, "destination": str(peer)} for folder in folders]
     return result
 

@@ -307,6 +307,31 @@ def test_forward_to_names_the_deid_folder(data: Path) -> None:
     assert len(list((data / request["path"]).glob("*.dcm"))) == 2
 
 
+def test_instances_with_burned_in_annotation_are_left_out_unless_kept(data: Path) -> None:
+    """Text in the pixels is not cleaned by this profile: such instances never leave unasked."""
+    series = make_ct_series(n=3, rows=32, cols=32)
+    series[1].BurnedInAnnotation = "YES"
+    series[2].BurnedInAnnotation = "NO"
+    headers = put(data, series)
+    result = run(headers, output="safe", forward_to="RESEARCH")
+    assert (result["instances"], result["burned_in_excluded"]) == (2, 1)
+    kept_numbers = sorted(int(pydicom.dcmread(f).InstanceNumber) for f in written(data, result))
+    assert kept_numbers == sorted(int(ds.InstanceNumber) for ds in (series[0], series[2]))
+    kept = run(headers, output="all", burned_in="keep")
+    assert (kept["instances"], kept["burned_in_excluded"]) == (3, 0)
+    with pytest.raises(ValueError, match="burned_in must be 'exclude' or 'keep'"):
+        run(headers, output="x", burned_in="clean")
+
+
+def test_nothing_is_forwarded_when_every_instance_was_left_out(data: Path) -> None:
+    series = make_ct_series(n=2, rows=32, cols=32)
+    for ds in series:
+        ds.BurnedInAnnotation = "YES"
+    result = run(put(data, series), output="none", forward_to="RESEARCH")
+    assert (result["instances"], result["burned_in_excluded"], result["output"]) == (0, 2, [])
+    assert "storage" not in result
+
+
 def test_output_must_stay_under_data_outside_the_input(data: Path) -> None:
     headers = put(data, make_ct_series(n=1, rows=32, cols=32))
     for output in ("../elsewhere", "dicom/copy", "/tmp/deid"):
@@ -317,7 +342,7 @@ def test_output_must_stay_under_data_outside_the_input(data: Path) -> None:
 def test_registration_and_callback() -> None:
     [job] = service.to_spec(source="python", origin="deid.py", content_hash="-").jobs
     assert (job.job_name, job.timeout) == ("deid", 600.0)
-    assert job.params == {"output": "deid", "forward_to": None}
+    assert job.params == {"output": "deid", "forward_to": None, "burned_in": "exclude"}
     assert job.callback == "services_registry.builtin.deid.accept_every_series"
     for name in ("CT_small.dcm", "rtplan.dcm", "test-SR.dcm", "waveform_ecg.dcm"):
         ds = pydicom.dcmread(vendor_file(name), stop_before_pixels=True)
