@@ -120,27 +120,6 @@ class _Unsent(Exception):
     """Some files are still unsent after one attempt: tenacity tries again."""
 
 
-def _send_pending(
-    peer: PeerPublic,
-    calling_ae: str,
-    pending: dict[str, pydicom.Dataset],
-    timeout: float,
-    tls: ssl.SSLContext | None,
-    report: SendReport,
-) -> None:
-    """One attempt over one association: what was stored leaves ``pending``; raise if any is left."""
-    try:
-        sent, error = _attempt(peer, calling_ae, pending, timeout, tls)
-    except Exception as exc:  # noqa: BLE001 - network errors of any kind: retry
-        sent, error = [], f"{type(exc).__name__}: {exc}"
-    for uid in sent:
-        pending.pop(uid, None)
-        report.sent.append(uid)
-    report.error = error if pending else None
-    if pending:
-        raise _Unsent(error)
-
-
 def send_files(
     peer: PeerPublic,
     files: Sequence[Path],
@@ -180,9 +159,18 @@ def send_files(
     )
     try:
         for attempt in retrying:
-            with attempt:
+            with attempt:  # one association; what was stored leaves ``pending``
                 report.attempts = attempt.retry_state.attempt_number
-                _send_pending(peer, calling_ae, pending, timeout, tls, report)
+                try:
+                    sent, error = _attempt(peer, calling_ae, pending, timeout, tls)
+                except Exception as exc:  # noqa: BLE001 - network errors of any kind: retry
+                    sent, error = [], f"{type(exc).__name__}: {exc}"
+                for uid in sent:
+                    pending.pop(uid, None)
+                    report.sent.append(uid)
+                report.error = error if pending else None
+                if pending:
+                    raise _Unsent(error)
     except _Unsent:
         raise SendError(
             f"{len(pending)} file(s) not sent to peer {peer.name!r} after {attempts} attempts: {report.error}"
