@@ -343,14 +343,8 @@ class SessionRecords(RecordsCore):
         """Change fields of a job run (state, attempts, exit_code, error, run ids …).
 
         Moving to ``running`` sets ``started_at`` and to a final state sets ``finished_at``
-        (to now) unless given, so every caller records times the same way.
-
-        Raises
-        ------
-        ValueError
-            A field that is not a job field.
-        RecordError
-            There is no such job.
+        (to now) unless given, so every caller records times the same way. Raises as
+        :meth:`update_job_with_data`.
         """
         return self.update_job_with_data(job_id, {}, **fields)
 
