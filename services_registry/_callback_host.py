@@ -14,7 +14,8 @@ lines on its original stdin/stdout and nothing else:
 Service code must not be able to break the protocol, so before any of it runs the protocol
 moves to duplicated descriptors: fd 1 becomes a copy of stderr (``print`` in a callback lands
 in the log) and fd 0 reads ``/dev/null``. A callback that hangs or kills the process is the
-parent's business: it stops waiting, kills the process group and starts a new process.
+parent's business: it stops waiting, kills the process group and starts a new process. If the
+parent itself dies, a watcher thread kills the process group within a second.
 
 Only :mod:`services_registry._calling` and what it needs (the loader, no pydantic) are imported
 up front (the package's names load lazily), so a start costs little more than an interpreter;
@@ -25,7 +26,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -46,9 +50,25 @@ def _send(writer: BinaryIO, message: dict[str, Any]) -> None:
     writer.flush()
 
 
+def _end_with_parent(interval: float = 1.0) -> None:
+    """Kill this process group once the parent is gone (killed while a callback hangs: nobody
+    would ever read the answer, and stdin is only read between calls)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        if os.getpgid(0) == os.getpid():  # our own group (the parent starts us in a new session)
+            os.killpg(0, signal.SIGKILL)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="dcmflow-parent-watch", daemon=True).start()
+
+
 def main() -> int:
     """Serve callback calls until stdin closes."""
     reader, writer = _protocol()
+    _end_with_parent()
     from services_registry._calling import CallbackOutcome, call_callback
     from services_registry.runtime import ServiceCallbacks, ServiceCode
 

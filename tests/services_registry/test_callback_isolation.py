@@ -197,3 +197,38 @@ def test_values_that_are_not_json_arrive_as_text(make_service) -> None:  # type:
     """}, {"common/__init__.py": "def work(**kw):\n    pass\n"}))
     evaluation = evaluate_isolated([spec], {"path": Path("/data/x")})
     assert evaluation.added_params == {"echo": {"path": "/data/x", "n": 1}}
+
+
+def test_a_hung_callback_dies_with_its_parent(unruly: Path, tmp_path: Path) -> None:
+    """A flow process killed while a callback hangs leaves no process behind."""
+    import signal
+    import subprocess
+    import textwrap
+
+    pidfile = tmp_path / "hang.pid"
+    script = textwrap.dedent(f"""
+        from pathlib import Path
+        from services_registry import load_service
+        from services_registry.callbacks import evaluate_isolated
+        evaluate_isolated([load_service(Path({str(unruly)!r}))], {{"seriesId": "1"}}, timeout=120)
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        deadline = time.monotonic() + 30
+        while not pidfile.exists() or not pidfile.read_text():
+            assert time.monotonic() < deadline and parent.poll() is None
+            time.sleep(0.05)
+        child = int(pidfile.read_text())
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            status = Path(f"/proc/{child}/status").read_text()
+        except FileNotFoundError:
+            return
+        if "\nState:\tZ" in status:  # dead, waiting for init to reap it
+            return
+        time.sleep(0.1)
+    pytest.fail(f"callback process {child} outlived its parent")
