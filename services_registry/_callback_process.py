@@ -186,6 +186,14 @@ class CallbackProcesses:
             child.stop()
         self._children.clear()
 
+    def prestart(self, python: str) -> None:
+        """Start the child of ``python`` without waiting for it (its first call waits)."""
+        if python not in self._children:
+            try:
+                self._children[python] = _Child(python)
+            except OSError:
+                pass  # no such interpreter: its first call says so
+
     def call(self, python: str, spec: ServiceSpec, job: JobSpec, added_params: dict[str, Any]) -> CallbackOutcome:
         """Run ``job``'s callback in the child of ``python``; ``added_params`` is updated in place.
 

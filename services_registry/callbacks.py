@@ -188,6 +188,11 @@ def evaluate_isolated(
         return pythons[spec.name]
 
     with CallbackProcesses(dict(headers), timeout=timeout) as processes:
+        for spec in specs:  # start every needed process now: they boot side by side
+            if any(not job.disabled and (level is None or job.level == level) for job in spec.jobs):
+                python = python_of(spec)
+                if not isinstance(python, Exception):
+                    processes.prestart(python)
 
         def call(spec: ServiceSpec, job: JobSpec, added: dict[str, Any]) -> CallbackOutcome:
             python = python_of(spec)
