@@ -84,6 +84,12 @@ class Settings(BaseSettings):
     spool_min_free_fraction: float = Field(
         0.02, ge=0, le=1, description="…or below this fraction of the spool disk free."
     )
+    receiver_processes: int = Field(
+        0,
+        ge=0,
+        description="Receiving (SCP) processes sharing the DICOM port (SO_REUSEPORT), each with its own spool; "
+        "0 = min(2, cores).",
+    )
     max_parallel_jobs: int = Field(
         DEFAULT_MAX_PARALLEL_JOBS, ge=1, description="Jobs of one processing run that may run at once."
     )
