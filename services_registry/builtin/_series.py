@@ -9,31 +9,37 @@ normal along which slices are ordered.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pydicom
-from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
-from pydantic_settings import BaseSettings
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 __all__ = ["Slice", "data_dir", "series_folder", "output_dir", "read_slices", "series_slices", "orientation_key", "sort_slices"]
 
 Vector = tuple[float, float, float]
 
 
-class _JobEnvironment(BaseSettings):
-    """What dcmflow (like dcm-processor) gives a job's process: ``DATA``, its working folder."""
+@functools.cache
+def _job_environment() -> Any:
+    """The settings class of what dcmflow (like dcm-processor) gives a job's process: ``DATA``,
+    its working folder. Made on first use: a service module is also imported where only its
+    callbacks run (a child process per series), which must not pay for pydantic."""
+    from pydantic_settings import BaseSettings
 
-    data: Path = Path(".")
+    class JobEnvironment(BaseSettings):
+        data: Path = Path(".")
+
+    return JobEnvironment
 
 
 def data_dir() -> Path:
     """``$DATA``: the job's working folder (the current folder when run by hand)."""
-    return _JobEnvironment().data
+    return Path(_job_environment()().data)
 
 
 def series_folder(headers: Mapping[str, Any]) -> Path:
@@ -95,6 +101,9 @@ def read_slices(folder: Path, *, pixels: bool = False) -> list[Slice]:
     Files that are not DICOM (PS3.10 ``DICM`` preamble) are ignored. ``pixels=False`` reads
     headers only, which is what geometry checks need and much faster on large series.
     """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
     slices = []
     for path in sorted(p for p in folder.iterdir() if p.is_file()):
         try:

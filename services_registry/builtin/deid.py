@@ -19,21 +19,23 @@ it is left out of the copy and counted, unless ``-p burned_in=keep`` says you ta
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import pydicom
-from pydantic import SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from typing import TYPE_CHECKING, Any
 
 from services_registry import Service
-from services_registry.builtin._deid_profile import PROFILE_NAME, PROFILE_TABLE, Deidentifier, mark_deidentified
 from services_registry.builtin._series import data_dir, series_folder
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import UID
+
+    from services_registry.builtin._deid_profile import Deidentifier
+
+# pydicom, pydantic and the profile table are imported by the worker: the callback runs in a
+# child process per series, which imports this module and should start in milliseconds.
 
 __all__ = ["service", "deid", "accept_every_series", "DeidKeyMissing", "deid_key", "deidentify_file", "Written", "KEY_VARIABLE"]
 
@@ -47,12 +49,19 @@ class DeidKeyMissing(RuntimeError):
     """``DCMFLOW_DEID_KEY`` is unset or empty: without it no UID can be hashed."""
 
 
-class _KeySettings(BaseSettings):
-    """dcmflow's ``deid_key`` setting, read in the job's own process (it inherits the flow's environment)."""
+@functools.cache
+def _key_settings() -> Any:
+    """The settings class of dcmflow's ``deid_key``, read in the job's own process (it inherits
+    the flow's environment); made on first use."""
+    from pydantic import SecretStr
+    from pydantic_settings import BaseSettings, SettingsConfigDict
 
-    model_config = SettingsConfigDict(env_prefix="DCMFLOW_", extra="ignore")
+    class KeySettings(BaseSettings):
+        model_config = SettingsConfigDict(env_prefix="DCMFLOW_", extra="ignore")
 
-    deid_key: SecretStr | None = None
+        deid_key: SecretStr | None = None
+
+    return KeySettings
 
 
 def deid_key() -> bytes:
@@ -63,7 +72,7 @@ def deid_key() -> bytes:
     DeidKeyMissing
         The variable is unset or empty.
     """
-    key = _KeySettings().deid_key
+    key = _key_settings()().deid_key
     if key is None or not key.get_secret_value():
         raise DeidKeyMissing(f"{KEY_VARIABLE} is not set: the deid job needs the key its new UIDs are hashed with")
     return key.get_secret_value().encode()
@@ -71,6 +80,8 @@ def deid_key() -> bytes:
 
 def _transfer_syntax(ds: Dataset) -> UID:
     """The transfer syntax the file was read with: its file meta's, else the encoding pydicom found."""
+    from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
     meta = getattr(ds, "file_meta", None)
     uid = meta.get("TransferSyntaxUID") if meta is not None else None
     if uid:
@@ -83,6 +94,8 @@ def _transfer_syntax(ds: Dataset) -> UID:
 
 def _file_meta(ds: Dataset, transfer_syntax: UID) -> FileMetaDataset:
     """A new PS3.10 §7.1 file meta: nothing of the original's (source AE, private info) is kept."""
+    from pydicom.dataset import FileMetaDataset
+
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -109,6 +122,11 @@ def deidentify_file(path: Path, out: Path, deidentifier: Deidentifier, *, keep_b
     ValueError
         The file cannot be read, or has no SOP Instance UID, SOP Class UID or Series Instance UID.
     """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    from services_registry.builtin._deid_profile import mark_deidentified
+
     try:
         ds = pydicom.dcmread(path)
     except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
@@ -177,6 +195,8 @@ def deid(jobName: str, headers: dict[str, Any], params: dict[str, Any], added_pa
         ``output`` is not a folder under ``$DATA``, ``burned_in`` is neither ``exclude`` nor
         ``keep``, or an instance lacks the UIDs every instance has.
     """
+    from services_registry.builtin._deid_profile import PROFILE_NAME, PROFILE_TABLE, Deidentifier
+
     params = params or {}
     deidentifier = Deidentifier(deid_key())
     out = _output_folder(params)

@@ -20,11 +20,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import dcm2niix
-import nibabel
-
 from services_registry import Service
-from services_registry.builtin._series import series_slices, Slice, data_dir, output_dir, read_slices, series_folder
+from services_registry.builtin._series import Slice, data_dir, output_dir, series_folder, series_slices
+
+# dcm2niix and nibabel are imported by the worker: the callback runs in a child process per
+# series, which imports this module and should start in milliseconds.
 
 __all__ = ["service", "nifti", "select_volumes", "skip_reason", "is_localizer", "output_name", "DCM2NIIX_TIMEOUT"]
 
@@ -137,6 +137,8 @@ def _run(folder: Path, out: Path, name: str) -> subprocess.CompletedProcess[str]
 
     It stays in the job's process group, so the job's own timeout or cancellation kills it too.
     """
+    import dcm2niix
+
     args = [dcm2niix.bin, "-z", "y", "-b", "y", "-ba", "y", "-w", "1", "-f", name, "-o", str(out), str(folder)]
     try:
         return subprocess.run(args, capture_output=True, text=True, timeout=DCM2NIIX_TIMEOUT, check=False)
@@ -158,6 +160,8 @@ def _relative(path: Path) -> str:
 
 def _volume(path: Path) -> dict[str, Any]:
     """Shape and voxel size (mm; then s for 4D) from the NIfTI header; the voxels are not read."""
+    import nibabel
+
     image: Any = nibabel.load(path)
     return {
         "nifti": _relative(path),

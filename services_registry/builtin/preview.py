@@ -24,24 +24,20 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-from PIL import Image
-from pydicom.dataset import Dataset
-from pydicom.uid import UID
+from typing import TYPE_CHECKING, Any
 
 from services_registry import Service
-from services_registry.builtin._preview_render import (
-    Voi,
-    choose_voi,
-    decode_frame,
-    decoder_problem,
-    frame_count,
-    render,
-    transfer_syntax,
-)
-from services_registry.builtin._series import series_slices, Slice, data_dir, output_dir, series_folder, sort_slices
+from services_registry.builtin._series import Slice, data_dir, output_dir, series_slices, sort_slices
+
+if TYPE_CHECKING:
+    import numpy as np
+    from PIL import Image
+    from pydicom.dataset import Dataset
+
+    from services_registry.builtin._preview_render import Voi
+
+# numpy, Pillow and pydicom's pixel handlers are imported where pixels are handled: the callback
+# runs in a child process per series, which imports this module and should start in milliseconds.
 
 __all__ = [
     "service",
@@ -70,6 +66,9 @@ DEFAULT_OUTPUT = "preview"
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 """PS3.5 §9.1 UID characters: safe as a file name as they are."""
 
+_NATIVE_SYNTAXES = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2"})
+"""Implicit and explicit VR little endian, deflated, big endian: pixels pydicom reads itself."""
+
 _MAX_ASPECT = 5.0
 """Pixel aspect ratios beyond this (either way) are taken as header errors and ignored."""
 
@@ -87,6 +86,8 @@ class Entry:
 def stack(slices: Sequence[Slice]) -> list[Entry]:
     """The series' images in viewing order: the frames of a lone multi-frame instance, else each
     instance (its middle frame when it has several) in :func:`sort_slices` order."""
+    from services_registry.builtin._preview_render import frame_count
+
     images = [s for s in slices if s.size is not None]
     if len(images) == 1:
         return [Entry(images[0], frame) for frame in range(frame_count(images[0].dataset))]
@@ -129,6 +130,8 @@ def _row_over_column(ds: Dataset) -> float:
 def _fit(image: np.ndarray, ds: Dataset, box: int) -> Image.Image:
     """``image`` scaled so its longer physical side is ``box`` px: Lanczos down, nearest up
     (a small image keeps visible pixels rather than invented detail)."""
+    from PIL import Image
+
     rows, columns = image.shape[:2]
     height, width = rows * _row_over_column(ds), float(columns)
     scale = box / max(height, width)
@@ -140,6 +143,8 @@ def _fit(image: np.ndarray, ds: Dataset, box: int) -> Image.Image:
 
 def _montage(tiles: Sequence[Image.Image]) -> Image.Image:
     """Tiles row by row in a :func:`grid_shape` grid of :data:`TILE_SIZE` cells, each centred."""
+    from PIL import Image
+
     rows, columns = grid_shape(len(tiles))
     mode = "RGB" if any(t.mode == "RGB" for t in tiles) else "L"
     sheet = Image.new(mode, (columns * TILE_SIZE, rows * TILE_SIZE))
@@ -164,6 +169,8 @@ def _relative(path: Path) -> str:
 
 def _undecodable(entries: Sequence[Entry]) -> str | None:
     """Why some of ``entries`` cannot be decoded here (a transfer syntax without a decoder)."""
+    from services_registry.builtin._preview_render import decoder_problem, transfer_syntax
+
     for syntax in dict.fromkeys(transfer_syntax(e.slice.dataset) for e in entries):
         problem = decoder_problem(syntax)
         if problem is not None:
@@ -197,8 +204,9 @@ def preview(jobName: str, headers: dict[str, Any], params: dict[str, Any], added
     UndecodablePixels
         The decoders rejected the pixel data (their messages on one line).
     """
+    from services_registry.builtin._preview_render import choose_voi, decode_frame, render, transfer_syntax
+
     slices = series_slices(headers)
-    folder = series_folder(headers)
     entries = stack(slices)
     if not entries:
         return _skip(headers, "no image instances (no Rows/Columns): nothing to preview")
@@ -265,10 +273,17 @@ def select_images(jobName: str, headers: dict[str, Any], params: dict[str, Any],
     """Select series whose instances have pixels (an Image Pixel Module: Rows and Columns,
     PS3.3 C.7.6.3) in a transfer syntax this machine decodes; else say why not."""
     if not headers.get("Rows") or not headers.get("Columns"):
+        from pydicom.uid import UID
+
         sop = str(headers.get("SOPClassUID") or "")
         what = f"{UID(sop).name}" if sop else "an instance without SOP Class UID"
         return False, {"reason": f"{what} has no pixel data (no Rows/Columns): nothing to preview"}
-    problem = decoder_problem(str(headers.get("TransferSyntaxUID") or "") or None)
+    syntax = str(headers.get("TransferSyntaxUID") or "")
+    if not syntax or syntax in _NATIVE_SYNTAXES:
+        return True, {}
+    from services_registry.builtin._preview_render import decoder_problem
+
+    problem = decoder_problem(syntax)
     if problem is not None:
         return False, {"reason": problem}
     return True, {}
