@@ -119,6 +119,7 @@ class Service:
         disabled: bool = False,
         retries: int = 0,
         retry_delay: float | str = 0,
+        retry_on_timeout: bool = False,
         level: Literal["series", "study"] = "series",
     ) -> Callable[[WorkerFunction], Job]:
         """Decorator declaring the decorated function as the worker of a new job.
@@ -144,6 +145,7 @@ class Service:
             "disabled": disabled,
             "retries": retries,
             "retry_delay": retry_delay,
+            "retry_on_timeout": retry_on_timeout,
             "level": level,
         }
 

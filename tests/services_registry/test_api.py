@@ -36,7 +36,7 @@ MODULE = '''
         from svc.helpers import decide          # absolute import of its own package
         return decide(headers), {"k": params["k"]}
 
-    @service.job(depends_on="first", retries=2, retry_delay="30s", level="series")
+    @service.job(depends_on="first", retries=2, retry_delay="30s", retry_on_timeout=True, level="series")
     def second(jobName, headers, params, added_params, **kwargs):
         return added_params
 '''
@@ -58,6 +58,7 @@ def test_builder_gives_the_same_spec_as_a_settings_file(tmp_path: Path) -> None:
     assert (first.priority, first.timeout, first.params, first.sort_position) == ("high", 90.0, {"k": 1}, 5)
     assert second.callback == "services_registry.api.always"  # no callback: always scheduled
     assert (second.depends_on, second.retries, second.retry_delay, second.params) == (("first",), 2, 30.0, None)
+    assert second.retry_on_timeout and not first.retry_on_timeout  # a timeout is final unless the job asks
     check_service(spec)
     with loaded([spec]) as services:
         ct = evaluate_callbacks(services, {"Modality": "CT"})
