@@ -376,6 +376,10 @@ def main() -> None:
     print(f"uptime after: {os.popen('uptime').read().strip()}")
     if args.keep:
         print(f"kept {work}")
+    else:
+        from tasks.outputs import remove_tree  # the received series is read-only
+
+        remove_tree(work)
 
 
 def _median(rows: list[dict[str, float]], key: str) -> float:
