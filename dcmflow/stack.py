@@ -579,7 +579,7 @@ def action_watcher(api_url: str) -> Callable[[], list[dict[str, Any]]]:
 
 def collect_status(settings: Settings) -> dict[str, Any]:
     """Everything ``dcmflow status`` prints, as plain data (``--json`` prints it as is)."""
-    from receiver.spool import Spool
+    from receiver.spools import total_depth
     from storage.models import SeriesState
 
     from dcmflow.wiring import repository_from
@@ -601,7 +601,7 @@ def collect_status(settings: Settings) -> dict[str, Any]:
         s.model_dump(mode="json", include={"series_uid", "modality", "instance_count", "last_received_at", "revision"})
         for s in repository.list_series(limit=50, state=SeriesState.RECEIVING.value)
     ]
-    depth = Spool(settings.spool_dir).depth() if settings.spool_dir.is_dir() else (0, 0)
+    depth = total_depth(settings.spool_dir)  # every receiving process's spool
     report["spool_backlog"], report["spool_backlog_bytes"] = depth  # instances, bytes
     if state is not None:
         report["prefect_healthy"] = healthy(state.api_url)

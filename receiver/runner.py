@@ -16,15 +16,23 @@ Start order (so nothing acknowledged can be lost or processed twice at once):
 Stop order: completeness monitor (after its current tick; then the emitter is closed), SCP
 (no new associations; running ones end), association facts, then ingest workers finish their
 current batch; what is left stays in the spool for the next start.
+
+With ``processes > 1`` (``DCMFLOW_RECEIVER_PROCESSES``) steps 1 and 3 run in that many
+receiving processes sharing the port (``SO_REUSEPORT``), each with its own spool
+(:mod:`receiver.spools`) and association facts, supervised by
+:class:`~receiver.processes.ReceivingProcesses` (a process that dies is restarted after its
+spool's ingest stopped; one that keeps dying stops the receiver); this process keeps the port
+reserved, the ingest processes of every spool and the completeness monitor.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,11 +44,17 @@ from receiver.associations import (
     RepositoryFacts,
 )
 from receiver.completeness import CompletenessMonitor, MonitorOptions
+from receiver.errors import ReceiverError
 from receiver.ingest import IngestOptions, IngestPool, StorageFactory, start_ingest_processes
+from receiver.processes import ReceivingProcesses, ReceivingSpec
+from receiver.reuseport import reserve_port
 from receiver.scp import ScpConfig, start_scp
 from receiver.spool import DEFAULT_MIN_FREE_BYTES, DEFAULT_MIN_FREE_FRACTION, DEFAULT_SEGMENT_SIZE, Spool
+from receiver.spools import spool_root, waiting_count
 
 if TYPE_CHECKING:
+    import socket
+
     from pynetdicom.transport import ThreadedAssociationServer
 
     from receiver.events import PrefectEmitter
@@ -70,7 +84,10 @@ class ReceiverConfig:
     trusted_networks : sequence of str
         Callers from these CIDR networks are always accepted (default loopback).
     ingest_workers : int
-        Number of ingest processes.
+        Number of ingest processes (per spool).
+    processes : int
+        Receiving processes sharing the port, each with its own spool (1: the SCP runs in
+        this process).
     ingest : IngestOptions
         Batch tuning.
     stable_age : float
@@ -91,6 +108,7 @@ class ReceiverConfig:
     accept_any: bool = False
     trusted_networks: Sequence[str] = DEFAULT_TRUSTED_NETWORKS
     ingest_workers: int = 1
+    processes: int = 1
     ingest: IngestOptions = field(default_factory=IngestOptions)
     stable_age: float
     completeness: bool = True
@@ -133,11 +151,17 @@ class Receiver:
         self.server: ThreadedAssociationServer | None = None
         self.monitor: CompletenessMonitor | None = None
         self.emitter: PrefectEmitter | None = None
+        self.processes: ReceivingProcesses | None = None
+        self._reservation: socket.socket | None = None
         self._stop_requested = False
+        self._serving = False
+        self.failure: str | None = None
 
     @property
     def port(self) -> int:
         """The bound port (useful with port 0)."""
+        if self._reservation is not None:
+            return int(self._reservation.getsockname()[1])
         assert self.server is not None
         return int(self.server.server_address[1])
 
@@ -152,15 +176,85 @@ class Receiver:
             On bad TLS files or a port that cannot be bound.
         """
         cfg = self.config
-        found = self.spool.recover(max(cfg.ingest_workers, 1))
+        count = max(cfg.processes, waiting_count(cfg.spool_dir))
+        if count > 1:
+            self._start_processes(count, log_level)
+        else:
+            self._start_here(log_level)
+        log.info(
+            "receiving as %s on %s:%d (%s); spool %s; %d receiving process%s; %d ingest process%s",
+            cfg.scp.ae_title,
+            cfg.scp.host or "*",
+            self.port,
+            "any caller" if cfg.accept_any else f"trusted {', '.join(cfg.trusted_networks)} + peers",
+            self.spool.root,
+            count,
+            "" if count == 1 else "es",
+            cfg.ingest_workers * count,
+            "" if cfg.ingest_workers * count == 1 else "es",
+        )
+
+    @staticmethod
+    def _log_recovery(root: Path, found: Any) -> None:
         if found.pending or found.dropped:
             log.info(
                 "spool %s: %d instances (%.1f MB) to replay, %d torn records dropped",
-                self.spool.root,
+                root,
                 found.pending,
                 found.pending_bytes / 1e6,
                 found.dropped,
             )
+
+    def _start_processes(self, count: int, log_level: int) -> None:
+        """Reserve the port, then start ``count`` receiving processes, each spool's ingest, the monitor."""
+        cfg = self.config
+        self._reservation = reserve_port(cfg.scp.host, cfg.scp.port)
+        scp = replace(cfg.scp, port=self.port, reuse_port=True)
+        specs = [
+            ReceivingSpec(
+                index=index,
+                spool_dir=spool_root(cfg.spool_dir, index),
+                scp=scp,
+                min_free_bytes=cfg.min_free_bytes,
+                min_free_fraction=cfg.min_free_fraction,
+                segment_size=cfg.segment_size,
+                ingest_workers=cfg.ingest_workers,
+                accept_any=cfg.accept_any,
+                trusted_networks=tuple(cfg.trusted_networks),
+                storage=self.storage if self.repository is not None else None,
+                log_level=log_level,
+            )
+            for index in range(count)
+        ]
+
+        def start_ingest(root: Path) -> IngestPool | None:
+            if cfg.ingest_workers < 1:
+                return None
+            return start_ingest_processes(self.storage, root, cfg.ingest_workers, options=cfg.ingest, log_level=log_level)
+
+        def start_monitor() -> None:
+            if cfg.completeness and self.repository is not None:
+                self._start_monitor()
+
+        self.processes = ReceivingProcesses(specs, start_ingest, self._fail)
+        try:
+            for spec, found in zip(specs, self.processes.start(before_listening=start_monitor), strict=True):
+                self._log_recovery(spec.spool_dir, found)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _fail(self, reason: str) -> None:
+        """A receiving process keeps dying: stop the receiver (``serve_forever`` returns, or SIGTERM)."""
+        self.failure = reason
+        self._stop_requested = True
+        if not self._serving:  # e.g. inside ``dcmflow up``: stop it as Ctrl-C/SIGTERM would
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def _start_here(self, log_level: int) -> None:
+        """The SCP in this process, on spool 0 (the layout before several processes existed)."""
+        cfg = self.config
+        self._log_recovery(self.spool.root, self.spool.recover(max(cfg.ingest_workers, 1)))
         if cfg.ingest_workers > 0:
             self.pool = start_ingest_processes(
                 self.storage, cfg.spool_dir, cfg.ingest_workers, options=cfg.ingest, log_level=log_level
@@ -179,16 +273,6 @@ class Receiver:
         except BaseException:
             self.stop()
             raise
-        log.info(
-            "receiving as %s on %s:%d (%s); spool %s; %d ingest process%s",
-            cfg.scp.ae_title,
-            cfg.scp.host or "*",
-            self.port,
-            "any caller" if cfg.accept_any else f"trusted {', '.join(cfg.trusted_networks)} + peers",
-            self.spool.root,
-            cfg.ingest_workers,
-            "" if cfg.ingest_workers == 1 else "es",
-        )
 
     def _start_monitor(self) -> None:
         from receiver.events import PrefectEmitter  # imports Prefect: only when monitoring
@@ -213,6 +297,12 @@ class Receiver:
         if self.server is not None:
             self.server.shutdown()
             self.server = None
+        if self.processes is not None:
+            self.processes.stop()  # receiving processes, then the ingest of every spool
+            self.processes = None
+        if self._reservation is not None:
+            self._reservation.close()
+            self._reservation = None
         if self.facts is not None:
             self.facts.close()
             self.facts = None
@@ -230,17 +320,29 @@ class Receiver:
         self._stop_requested = True
 
     def serve_forever(self) -> None:
-        """Start, wait for SIGINT/SIGTERM (or :meth:`request_stop`), then stop cleanly."""
+        """Start, wait for SIGINT/SIGTERM (or :meth:`request_stop`), then stop cleanly.
+
+        Raises
+        ------
+        ReceiverError
+            After stopping, when a receiving process kept dying (:attr:`failure`).
+        """
         previous = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        self._serving = True
         try:
             self.start()
             while not self._stop_requested:
                 time.sleep(0.2)  # interrupted by signals; the handler runs here
-                if self.pool is not None and not self.pool.alive():
+                if (self.pool is not None and not self.pool.alive()) or (
+                    self.processes is not None and self.processes.failure is None and not self.processes.alive()
+                ):
                     log.error("an ingest process died; stopping the receiver")
                     break
             log.info("stopping")
         finally:
+            self._serving = False
             self.stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+        if self.failure is not None:
+            raise ReceiverError(self.failure)

@@ -40,6 +40,7 @@ from receiver.handlers import (
     handle_requested,
     handle_store,
 )
+from receiver.reuseport import ReusePortAE
 from receiver.transfer import attach
 
 if TYPE_CHECKING:
@@ -88,6 +89,9 @@ class ScpConfig:
         Once pynetdicom has negotiated an association, run its data phase (C-STORE, C-ECHO,
         release, abort) in :mod:`receiver.transfer`'s single loop instead of pynetdicom's two
         polling threads (same responses, byte for byte; several times less CPU per message).
+    reuse_port : bool
+        Listen with ``SO_REUSEPORT`` so several receiving processes share the port
+        (:mod:`receiver.reuseport`).
     """
 
     ae_title: str = "DCMFLOW"
@@ -102,6 +106,7 @@ class ScpConfig:
     pynetdicom_event_logs: bool = False
     unrestricted_storage: bool = True
     fast_transfer: bool = True
+    reuse_port: bool = False
 
 
 def tls_context(config: ScpConfig) -> ssl.SSLContext | None:
@@ -143,7 +148,7 @@ def build_ae(config: ScpConfig) -> AE:
     """
     from pynetdicom import _config
 
-    ae = AE(ae_title=config.ae_title)
+    ae = (ReusePortAE if config.reuse_port else AE)(ae_title=config.ae_title)
     _config.UNRESTRICTED_STORAGE_SERVICE = config.unrestricted_storage
     if not config.unrestricted_storage:
         for context in AllStoragePresentationContexts:

@@ -6,6 +6,7 @@ Usage (from the repository root, in the venv)::
     python bench/ingest/run.py --ct 100 --small 300  # quicker
     python bench/ingest/run.py --data /tmp/bench-data --systems dcmflow,dcmtk --assocs 10
     python bench/ingest/run.py --strace              # also count fsync-family calls per instance
+    python bench/ingest/run.py --processes 1,2       # dcmflow with 1 and with 2 receiving processes (SO_REUSEPORT)
 
 Each system is started fresh, on a free loopback port, with its own temporary storage; the
 data set is sent once with ``TCP_NODELAY=1 /usr/bin/storescu +sd +r``, in one association or
@@ -221,11 +222,20 @@ class Run:
         return self.work / f"{name}.strace" if self.strace else None
 
 
-def run_dcmflow(run: Run, workers: int) -> Result:
+def spool_syncs_per_instance(log_text: str) -> float | None:
+    """fdatasyncs per record over every spool's counters line (one per receiving process)."""
+    found = [(int(r), int(s)) for r, s in re.findall(r"(\d+) records \([\d.]+ MB\), (\d+) fdatasyncs", log_text)]
+    records = sum(r for r, _ in found)
+    return sum(s for _, s in found) / records if records else None
+
+
+def run_dcmflow(run: Run, workers: int, processes: int | None = None) -> Result:
     port = free_port()
     home = run.work / "dcmflow"
     env = {k: v for k, v in os.environ.items() if not k.startswith("DCMFLOW_")}
     env |= {"DCMFLOW_HOME": str(home), "PYTHONPATH": str(REPO_ROOT)}
+    if processes is not None:
+        env["DCMFLOW_RECEIVER_PROCESSES"] = str(processes)
     cmd = [sys.executable, "-m", "dcmflow.cli.receive", "--port", str(port), "--ingest-workers", str(workers)]
     log = run.work / "dcmflow.log"
     trace = run.strace_file("dcmflow")
@@ -243,10 +253,9 @@ def run_dcmflow(run: Run, workers: int) -> Result:
             time.sleep(0.01)
         recorded = time.perf_counter() - t0
         db.close()
-    found = re.findall(r"fdatasyncs \(([\d.]+) per instance\)", log.read_text(errors="replace"))
     return Result(
-        "dcmflow", run.dataset, run.assocs, run.n, run.size, ack, recorded,
-        syncs=strace_calls(trace), spool_syncs_per_instance=float(found[-1]) if found else None,
+        "dcmflow" if processes is None else f"dcmflow p{processes}", run.dataset, run.assocs, run.n, run.size, ack,
+        recorded, syncs=strace_calls(trace), spool_syncs_per_instance=spool_syncs_per_instance(log.read_text(errors="replace")),
     )
 
 
@@ -330,14 +339,14 @@ def ratios(results: list[Result]) -> str:
     lines = ["dcmflow ÷ peer (instances/s; acknowledged, and complete = recorded for dcmflow vs acknowledged for the peer):"]
     by = {(r.system, r.dataset, r.assocs): r for r in results}
     for (system, dataset, assocs), ours in by.items():
-        if system != "dcmflow":
+        if not system.startswith("dcmflow"):
             continue
         parts = []
         for peer in ("dcmtk storescp", "orthanc", "pynetdicom storescp"):
             other = by.get((peer, dataset, assocs))
             if other is not None:
                 parts.append(f"{peer.split()[0]} {other.ack_s / ours.ack_s:.2f}× ack, {other.ack_s / ours.complete_s:.2f}× complete")
-        lines.append(f"  {dataset:<11} {assocs:>2} assoc: " + "; ".join(parts))
+        lines.append(f"  {system:<11} {dataset:<11} {assocs:>2} assoc: " + "; ".join(parts))
     return "\n".join(lines)
 
 
@@ -349,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list of {', '.join(SYSTEMS)}")
     parser.add_argument("--assocs", default="1,10", help="comma list of concurrent association counts (default 1,10)")
     parser.add_argument("--workers", type=int, default=1, help="dcmflow ingest worker processes")
+    parser.add_argument(
+        "--processes", default="", help="dcmflow receiving processes, comma list (e.g. 1,2: both, side by side; default: its setting's default)"
+    )
     parser.add_argument("--strace", action="store_true", help="count fsync-family calls of every server (strace -c)")
     parser.add_argument("--json", action="store_true", help="print results as JSON too")
     args = parser.parse_args(argv)
@@ -361,8 +373,10 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     data_root = args.data or Path(tempfile.mkdtemp(prefix="dcmflow-bench-data-"))
     data = build_data(data_root, args.ct, args.small)
+    process_counts = [int(p) for p in args.processes.split(",") if p.strip()] or [None]
     runners: dict[str, Callable[[Run], Result]] = {
-        "dcmflow": lambda run: run_dcmflow(run, args.workers),
+        "dcmflow": lambda run: run_dcmflow(run, args.workers, process_counts[0]),
+        **{f"dcmflow p{p}": (lambda run, p=p: run_dcmflow(run, args.workers, p)) for p in process_counts[1:]},  # type: ignore[misc]
         "dcmtk": run_dcmtk,
         "orthanc": run_orthanc,
         "pynetdicom": run_pynetdicom,
@@ -372,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         n = len(list(folder.glob("*.dcm")))
         for assocs in assoc_counts:
             folders = split(folder, assocs)
-            for system in systems:
+            for system in [s for name in systems for s in runners if s == name or (name == "dcmflow" and s.startswith("dcmflow p"))]:
                 work = Path(tempfile.mkdtemp(prefix=f"dcmflow-bench-{system}-"))
                 try:
                     r = runners[system](Run(folders, folder.name, n, folder_bytes(folder), work, args.strace))

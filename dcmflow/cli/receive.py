@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,11 +50,16 @@ def receiver_config(
     trusted_networks: list[str] | None = None,
     check_called_aet: bool = True,
     ingest_workers: int = 1,
+    processes: int | None = None,
     min_free_mb: int | None = None,
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
 ) -> ReceiverConfig:
-    """The receiver of ``settings``, with command-line overrides (``receive`` and ``up``)."""
+    """The receiver of ``settings``, with command-line overrides (``receive`` and ``up``).
+
+    Receiving processes: ``processes``, else ``DCMFLOW_RECEIVER_PROCESSES``, whose 0 means
+    min(2, cores) (measured in bench/ingest/README.md).
+    """
     from receiver.runner import ReceiverConfig
     from receiver.scp import ScpConfig
 
@@ -72,6 +78,7 @@ def receiver_config(
         accept_any=accept_any or settings.accept_any_caller,
         trusted_networks=tuple(trusted_networks or settings.trusted_networks),
         ingest_workers=ingest_workers,
+        processes=processes or settings.receiver_processes or min(2, os.cpu_count() or 1),
         stable_age=settings.stable_age,
     )
 
