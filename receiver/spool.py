@@ -25,6 +25,7 @@ Layout under ``Settings.spool_dir``::
     tmp/           anonymous spill files of very large data sets while they arrive (O_TMPFILE)
     stage/         ingest's staging files (receiver/ingest.py)
     rejected/      records ingest could not use (kept for a person, with a ``.reason`` text beside)
+    1/, 2/, …      the spools of further receiving processes, same layout (receiver/spools.py)
 
 Disk watermark: appending refuses (:class:`~receiver.errors.SpoolFullError`, which the
 handler answers with 0xA700 Out of Resources) when writing would leave less than
