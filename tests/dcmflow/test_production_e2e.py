@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import uuid
@@ -32,7 +31,7 @@ import pytest
 from dcmflow.prefect_api import api_client
 from tests.conftest import S3Endpoint, _pg_admin_connect
 from tests.dcmflow.test_up_e2e import Up, wait_for, write_study
-from tests.prefect_server import PrefectServer, start_prefect_server
+from tests.prefect_server import PrefectServer, start_prefect_server, stop_worker
 from tests.receiver.conftest import free_port
 
 pytestmark = [
@@ -139,9 +138,7 @@ class Layout:
 
     def stop(self) -> None:
         for worker in self.workers.values():
-            if worker.poll() is None:
-                os.killpg(worker.pid, signal.SIGTERM)
-                worker.wait(timeout=60)
+            stop_worker(worker)
         self.up.stop()
 
     def flow_runs(self, deployment: str, **parameters: Any) -> list[dict[str, Any]]:

@@ -26,6 +26,7 @@ import pytest
 
 from dcmflow.prefect_api import api_client
 from tests.dcmflow.test_up_e2e import STORESCU, Up, make_up, wait_for, write_study
+from tests.prefect_server import stop_worker
 
 pytestmark = pytest.mark.skipif(not Path(STORESCU).exists(), reason="DCMTK storescu is not installed")
 
@@ -176,8 +177,6 @@ def test_a_killed_worker_s_series_runs_again_and_is_processed_once(tmp_path_fact
         assert len(up.flow_runs("process-series", series_uid=uid)) == 2  # the completed run is not crashed again
     finally:
         for worker in workers:
-            if worker.poll() is None:
-                os.killpg(worker.pid, signal.SIGTERM)
-                worker.wait(timeout=60)
+            stop_worker(worker)
         up.stop()
     print(f"test took {time.monotonic() - began:.1f} s")
