@@ -3,9 +3,10 @@
 Each receiving process (spawned) takes its spool's lock and recovers it, and sends the parent
 what recovery found; the parent (:class:`ReceivingProcesses`) starts that spool's ingest
 processes and lets it listen; it opens the association facts and caller policy on its own
-repository, listens with ``SO_REUSEPORT`` (:mod:`receiver.reuseport`), says so, and serves until
-the parent sets its stop event, or the parent is gone. (The same order as a single process:
-ingest runs before the port answers.)
+repository, listens with ``SO_REUSEPORT`` (:mod:`receiver.reuseport`), says so, and serves. (The same order as a single process:
+ingest runs before the port answers.) It stops when the parent sends "stop" on that pipe, or when
+the pipe ends (the parent is gone). A pipe, not a multiprocessing Event: setting an Event that a
+SIGKILLed process was waiting on blocks forever.
 
 A receiving process that dies (``kill -9``, a crash) is restarted: its ingest processes are
 stopped first (they finish their batch), the new process recovers the spool (a torn tail
@@ -46,6 +47,7 @@ READY_TIMEOUT = 60.0
 _PARENT_POLL = 0.5
 _LISTEN = "listen"
 _LISTENING = "listening"
+_STOP = "stop"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,7 +89,7 @@ class ReceivingSpec:
     log_level: int = logging.INFO
 
 
-def _serve(spec: ReceivingSpec, conn: Any, stop: Any) -> None:
+def _serve(spec: ReceivingSpec, conn: Any) -> None:
     """Entry point of a receiving process."""
     from receiver.associations import AssociationTracker, CallerPolicy, PeerEntry, RepositoryFacts
     from receiver.scp import start_scp
@@ -95,8 +97,8 @@ def _serve(spec: ReceivingSpec, conn: Any, stop: Any) -> None:
 
     logging.basicConfig(level=spec.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us through ``stop``
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us through the pipe
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     parent = os.getppid()
     spool = Spool(
         spec.spool_dir,
@@ -123,12 +125,14 @@ def _serve(spec: ReceivingSpec, conn: Any, stop: Any) -> None:
         conn.send(_LISTENING)
         # Serve until asked; a parent gone without asking (SIGKILL) takes us along, so no
         # orphan keeps the port and the spool lock from a restarted receiver.
-        while not stop.wait(_PARENT_POLL):
-            if os.getppid() != parent:
-                log.error("receiving process %d: the receiver is gone; stopping", spec.index)
-                break
-    except EOFError:  # the parent is gone before it let us listen
-        return
+        while True:
+            if conn.poll(_PARENT_POLL):
+                if conn.recv() == _STOP:
+                    break
+            elif os.getppid() != parent:
+                raise EOFError
+    except EOFError:  # the pipe ended: the parent is gone
+        log.error("receiving process %d: the receiver is gone; stopping", spec.index)
     except BaseException as exc:
         try:
             conn.send(exc)
@@ -169,7 +173,6 @@ class ReceivingProcesses:
         self._on_failure = on_failure
         self._ctx = multiprocessing.get_context("spawn")
         self._procs: list[Any] = [None] * len(self.specs)
-        self._stops: list[Any] = [None] * len(self.specs)
         self._conns: list[Any] = [None] * len(self.specs)
         self.pools: list[IngestPool | None] = [None] * len(self.specs)
         self._deaths: list[deque[float]] = [deque() for _ in self.specs]
@@ -216,13 +219,12 @@ class ReceivingProcesses:
 
     def _spawn(self, index: int) -> None:
         ours, theirs = self._ctx.Pipe()
-        stop = self._ctx.Event()
         proc = self._ctx.Process(
-            target=_serve, args=(self.specs[index], theirs, stop), name=f"dcmflow-scp-{index}", daemon=True
+            target=_serve, args=(self.specs[index], theirs), name=f"dcmflow-scp-{index}", daemon=True
         )
         proc.start()
         theirs.close()
-        self._procs[index], self._stops[index], self._conns[index] = proc, stop, ours
+        self._procs[index], self._conns[index] = proc, ours
 
     def _recovered(self, index: int) -> RecoveryReport:
         """Wait until process ``index`` has recovered its spool; start that spool's ingest."""
@@ -232,13 +234,8 @@ class ReceivingProcesses:
 
     def _listen(self, index: int) -> None:
         """Let process ``index`` listen and wait until it does."""
-        conn = self._conns[index]
-        try:
-            conn.send(_LISTEN)
-            self._answer(index)
-        finally:
-            conn.close()
-            self._conns[index] = None
+        self._conns[index].send(_LISTEN)
+        self._answer(index)  # the pipe stays open: "stop" goes through it
 
     def _answer(self, index: int) -> Any:
         proc, conn = self._procs[index], self._conns[index]
@@ -266,8 +263,11 @@ class ReceivingProcesses:
                         return
 
     def _restart(self, index: int) -> bool:
-        proc = self._procs[index]
+        proc, conn = self._procs[index], self._conns[index]
         proc.join(1)
+        if conn is not None:
+            conn.close()
+            self._conns[index] = None
         now = time.monotonic()
         deaths = self._deaths[index]
         deaths.append(now)
@@ -320,11 +320,10 @@ class ReceivingProcesses:
         with self._lock:
             for conn in self._conns:
                 if conn is not None:
-                    conn.close()
-            self._conns = [None] * len(self.specs)
-            for stop in self._stops:
-                if stop is not None:
-                    stop.set()
+                    try:
+                        conn.send(_STOP)
+                    except OSError:
+                        pass  # that process is gone already
             for index, proc in enumerate(self._procs):
                 if proc is None:
                     continue
@@ -334,6 +333,10 @@ class ReceivingProcesses:
                     proc.kill()
                     proc.join(5)
                 self._procs[index] = None
+            for conn in self._conns:
+                if conn is not None:
+                    conn.close()
+            self._conns = [None] * len(self.specs)
             # Every spool's ingest at once: each finishes its batch.
             stoppers = [threading.Thread(target=pool.stop) for pool in self.pools if pool is not None]
             for thread in stoppers:

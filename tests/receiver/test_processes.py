@@ -121,3 +121,40 @@ def test_kill_9_of_one_receiving_process_loses_nothing_acknowledged(env: Env, re
     missing = set(acknowledged) - recorded
     assert not missing, f"{len(missing)} acknowledged instances lost"
     assert set(d.SOPInstanceUID for d in more) <= recorded
+
+
+def test_a_receiving_process_that_keeps_dying_stops_the_receiver_loudly(
+    env: Env, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import receiver.processes as processes_module
+    from receiver.processes import ReceivingSpec
+    from receiver.reuseport import reserve_port
+
+    monkeypatch.setattr(processes_module, "MAX_RESTARTS", 0)  # the first death is one too many
+    reservation = reserve_port("127.0.0.1", 0)
+    spec = ReceivingSpec(
+        index=0,
+        spool_dir=env.spool_dir,
+        scp=ScpConfig(ae_title=AE_TITLE, host="127.0.0.1", port=reservation.getsockname()[1], reuse_port=True),
+        min_free_bytes=0,
+        min_free_fraction=0.0,
+        segment_size=TEST_SEGMENT_SIZE,
+        ingest_workers=1,
+        accept_any=False,
+        trusted_networks=("127.0.0.0/8",),
+        storage=None,
+    )
+    failures: list[str] = []
+    running = ReceivingProcesses([spec], lambda root: None, failures.append)
+    try:
+        running.start()
+        os.kill(running.pids[0], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not failures:
+            time.sleep(0.05)
+        assert failures == ["receiving process 0 died 1 times within 60 s"]
+        assert running.failure == failures[0] and not running.alive()
+        assert "stopping the receiver" in caplog.text
+    finally:
+        running.stop()
+        reservation.close()
