@@ -129,3 +129,14 @@ def stop_worker(worker: subprocess.Popen[bytes], grace: float = 10.0) -> None:
     except ProcessLookupError:
         pass
     worker.wait(timeout=30)
+
+
+def server_unless(api_url: str | None, home: Path) -> tuple[str, PrefectServer | None]:
+    """``api_url`` when a running server was named, else a new server under ``home`` (the
+    caller stops it); benchmarks print its start-up time, which they do not count."""
+    if api_url is not None:
+        return api_url, None
+    began = time.monotonic()
+    server = start_prefect_server(home)
+    print(f"prefect server started in {time.monotonic() - began:.1f} s (not counted)")
+    return server.api_url, server

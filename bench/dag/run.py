@@ -307,18 +307,12 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
 
     from tests.factories import make_small_series
-    from tests.prefect_server import start_prefect_server
+    from tests.prefect_server import server_unless
     from tests.tasks.helpers import make_home, write_service
 
     print(f"uptime before: {os.popen('uptime').read().strip()}")
     work = Path(tempfile.mkdtemp(prefix="dcmflow-bench-dag-"))
-    server = None
-    api_url = args.api_url
-    if api_url is None:
-        t0 = time.monotonic()
-        server = start_prefect_server(work / "prefect")
-        api_url = server.api_url
-        print(f"prefect server started in {time.monotonic() - t0:.1f} s (not counted)")
+    api_url, server = server_unless(args.api_url, work / "prefect")
     if args.database_url:
         os.environ["DCMFLOW_DATABASE_URL"] = args.database_url
     home = make_home(work / "home")

@@ -58,17 +58,11 @@ def main() -> None:
     args = parser.parse_args()
 
     from tests.factories import make_small_series
-    from tests.prefect_server import start_prefect_server
+    from tests.prefect_server import server_unless
     from tests.tasks.helpers import make_home, write_service
 
     work = Path(tempfile.mkdtemp(prefix="dcmflow-bench-flow-"))
-    server = None
-    api_url = args.api_url
-    if api_url is None:
-        t0 = time.monotonic()
-        server = start_prefect_server(work / "prefect")
-        api_url = server.api_url
-        print(f"prefect server started in {time.monotonic() - t0:.1f} s (not counted)")
+    api_url, server = server_unless(args.api_url, work / "prefect")
     home = make_home(work / "home")
     home.install(write_service(work / "src", "noop-svc", dag(), package="noopsvc", workers=NOOP_WORKERS,
                                callbacks="def always(**kwargs):\n    return True\n"))
