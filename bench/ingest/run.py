@@ -7,6 +7,13 @@ Usage (from the repository root, in the venv)::
     python bench/ingest/run.py --data /tmp/bench-data --systems dcmflow,dcmtk --assocs 10
     python bench/ingest/run.py --strace              # also count fsync-family calls per instance
     python bench/ingest/run.py --processes 1,2       # dcmflow with 1 and with 2 receiving processes (SO_REUSEPORT)
+    python bench/ingest/run.py --repeat 3            # every cell 3 times (systems interleaved); medians
+
+Before each system starts, the page cache is flushed (``sync``) and the script waits until the
+kernel has no dirty data left, so no system pays for the previous one's write-back (DCMTK and
+Orthanc leave their files unflushed). With ``--repeat N`` the whole round (every data set,
+association count and system) runs N times and the table gives the median of each cell, with
+every run's figure beside it: on a shared VM single runs move by ±30 %.
 
 Each system is started fresh, on a free loopback port, with its own temporary storage; the
 data set is sent once with ``TCP_NODELAY=1 /usr/bin/storescu +sd +r``, in one association or
@@ -33,13 +40,14 @@ import shutil
 import signal
 import socket
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -53,6 +61,18 @@ ORTHANC = "/usr/sbin/Orthanc"
 STRACE = "/usr/bin/strace"
 SYSTEMS = ("dcmflow", "dcmtk", "orthanc", "pynetdicom")
 SYNC_CALLS = "fsync,fdatasync,syncfs,msync,sync_file_range"
+
+
+def settle_disk(timeout: float = 30.0) -> None:
+    """``sync``, then wait until ``/proc/meminfo`` shows (almost) no dirty or write-back pages."""
+    os.sync()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        pending_kb = int(fields["Dirty"].split()[0]) + int(fields["Writeback"].split()[0])
+        if pending_kb < 4096:
+            return
+        time.sleep(0.1)
 
 
 def free_port() -> int:
@@ -318,26 +338,51 @@ def run_pynetdicom(run: Run) -> Result:
 # -- main ------------------------------------------------------------------------------------
 
 
+def medians(results: list[Result]) -> list[tuple[Result, list[Result]]]:
+    """One median result per (system, data set, associations), with the runs it came from."""
+    groups: dict[tuple[str, str, int], list[Result]] = {}
+    for r in results:
+        groups.setdefault((r.system, r.dataset, r.assocs), []).append(r)
+
+    def median(values: list[float | None]) -> float | None:
+        known = [v for v in values if v is not None]
+        return statistics.median(known) if known else None
+
+    out = []
+    for runs in groups.values():
+        first = runs[0]
+        med = replace(
+            first,
+            ack_s=statistics.median(r.ack_s for r in runs),
+            recorded_s=median([r.recorded_s for r in runs]),
+            syncs=None if first.syncs is None else round(median([r.syncs for r in runs]) or 0),
+            spool_syncs_per_instance=median([r.spool_syncs_per_instance for r in runs]),
+        )
+        out.append((med, runs))
+    return out
+
+
 def table(results: list[Result]) -> str:
     lines = [
         f"{'system':<20} {'dataset':<11} {'assocs':>6} {'n':>5} {'ack inst/s':>10} {'ack MB/s':>9} "
-        f"{'complete inst/s':>15} {'last ack→record':>15} {'spool syncs/inst':>16} {'flushes/inst (strace)':>21}",
+        f"{'complete inst/s':>15} {'last ack→record':>15} {'spool syncs/inst':>16} {'flushes/inst (strace)':>21}  ack inst/s of each run",
     ]
-    for r in results:
+    for r, runs in medians(results):
         gap = f"{r.recorded_s - r.ack_s:.2f} s" if r.recorded_s is not None else "-"
         spool = f"{r.spool_syncs_per_instance:.2f}" if r.spool_syncs_per_instance is not None else "-"
         traced = f"{r.syncs / r.n:.2f}" if r.syncs is not None else "-"
+        each = " / ".join(f"{x.n / x.ack_s:.0f}" for x in runs) if len(runs) > 1 else ""
         lines.append(
             f"{r.system:<20} {r.dataset:<11} {r.assocs:>6} {r.n:>5} {r.n / r.ack_s:>10.0f} {r.size / 1e6 / r.ack_s:>9.1f} "
-            f"{r.n / r.complete_s:>15.0f} {gap:>15} {spool:>16} {traced:>21}"
+            f"{r.n / r.complete_s:>15.0f} {gap:>15} {spool:>16} {traced:>21}  {each}"
         )
     return "\n".join(lines)
 
 
 def ratios(results: list[Result]) -> str:
     """dcmflow against the peers, per data set and association count (acknowledged and complete)."""
-    lines = ["dcmflow ÷ peer (instances/s; acknowledged, and complete = recorded for dcmflow vs acknowledged for the peer):"]
-    by = {(r.system, r.dataset, r.assocs): r for r in results}
+    lines = ["dcmflow ÷ peer (instances/s, medians; acknowledged, and complete = recorded for dcmflow vs acknowledged for the peer):"]
+    by = {(r.system, r.dataset, r.assocs): r for r, _ in medians(results)}
     for (system, dataset, assocs), ours in by.items():
         if not system.startswith("dcmflow"):
             continue
@@ -362,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         "--processes", default="", help="dcmflow receiving processes, comma list (e.g. 1,2: both, side by side; default: its setting's default)"
     )
     parser.add_argument("--strace", action="store_true", help="count fsync-family calls of every server (strace -c)")
+    parser.add_argument("--repeat", type=int, default=1, help="run every cell this many times (interleaved); print medians")
     parser.add_argument("--json", action="store_true", help="print results as JSON too")
     args = parser.parse_args(argv)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
@@ -382,22 +428,24 @@ def main(argv: list[str] | None = None) -> int:
         "pynetdicom": run_pynetdicom,
     }
     results: list[Result] = []
-    for name, folder in data.items():
-        n = len(list(folder.glob("*.dcm")))
-        for assocs in assoc_counts:
-            folders = split(folder, assocs)
-            for system in [s for name in systems for s in runners if s == name or (name == "dcmflow" and s.startswith("dcmflow p"))]:
-                work = Path(tempfile.mkdtemp(prefix=f"dcmflow-bench-{system}-"))
-                try:
-                    r = runners[system](Run(folders, folder.name, n, folder_bytes(folder), work, args.strace))
-                    results.append(r)
-                    print(
-                        f"{r.system:<20} {name:<6} {assocs:>2} assoc  ack {r.ack_s:6.2f} s  complete {r.complete_s:6.2f} s"
-                        f"  load {os.getloadavg()[0]:.2f}",
-                        file=sys.stderr,
-                    )
-                finally:
-                    shutil.rmtree(work, ignore_errors=True)
+    for round_ in range(1, args.repeat + 1):
+        for name, folder in data.items():
+            n = len(list(folder.glob("*.dcm")))
+            for assocs in assoc_counts:
+                folders = split(folder, assocs)
+                for system in [s for name in systems for s in runners if s == name or (name == "dcmflow" and s.startswith("dcmflow p"))]:
+                    work = Path(tempfile.mkdtemp(prefix=f"dcmflow-bench-{system}-"))
+                    try:
+                        settle_disk()
+                        r = runners[system](Run(folders, folder.name, n, folder_bytes(folder), work, args.strace))
+                        results.append(r)
+                        print(
+                            f"[{round_}/{args.repeat}] {r.system:<20} {name:<6} {assocs:>2} assoc  ack {r.ack_s:6.2f} s"
+                            f"  complete {r.complete_s:6.2f} s  load {os.getloadavg()[0]:.2f}",
+                            file=sys.stderr,
+                        )
+                    finally:
+                        shutil.rmtree(work, ignore_errors=True)
     load_after = os.getloadavg()
     print(
         f"load average (1/5/15 min) at start: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}; "
