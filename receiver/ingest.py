@@ -41,6 +41,7 @@ import hashlib
 import io
 import logging
 import multiprocessing
+import multiprocessing.connection
 import multiprocessing.context
 import os
 import signal
@@ -804,22 +805,23 @@ def _process_main(
     worker_index: int,
     worker_count: int,
     options: IngestOptions,
-    stop: Any,
+    stop: multiprocessing.connection.Connection,
     log_level: int,
 ) -> None:
-    """Entry point of one ingest process."""
+    """Entry point of one ingest process; ``stop`` is the read end of its pipe from the parent."""
     from receiver.spool import Spool
 
     parent = os.getppid()
 
     def should_stop() -> bool:
-        # Stop when asked, and when the receiver died without asking (SIGKILL): a restarted
-        # receiver starts its own workers, and two workers on one share would race.
-        return bool(stop.is_set()) or os.getppid() != parent
+        # Stop when asked (a message, or the pipe's end: the parent is gone), and when the
+        # receiver died without asking (SIGKILL): a restarted receiver starts its own workers,
+        # and two workers on one share would race.
+        return stop.poll() or os.getppid() != parent
 
     if options.niceness:
         os.nice(options.niceness)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us through ``stop``
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us through the pipe
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     delay, failing = 0.25, False
@@ -831,7 +833,7 @@ def _process_main(
             if not failing:
                 log.error("ingest[%d]: cannot open storage yet, retrying: %s", worker_index, exc)
                 failing = True
-            if stop.wait(delay) or should_stop():
+            if stop.poll(delay) or should_stop():
                 return
             delay = min(delay * 2, options.backoff_max)
     spool = Spool(Path(spool_root), min_free_bytes=0, min_free_fraction=0.0)
@@ -847,11 +849,19 @@ def _process_main(
 
 
 class IngestPool:
-    """Ingest worker processes started by :func:`start_ingest_processes`."""
+    """Ingest worker processes started by :func:`start_ingest_processes`.
 
-    def __init__(self, processes: Sequence[multiprocessing.process.BaseProcess], stop: Any) -> None:
+    Each is stopped through its own pipe, not a shared multiprocessing Event: setting an Event
+    that a SIGKILLed worker was waiting on can block forever (its lock dies with the worker).
+    """
+
+    def __init__(
+        self,
+        processes: Sequence[multiprocessing.process.BaseProcess],
+        stops: Sequence[multiprocessing.connection.Connection],
+    ) -> None:
         self.processes = processes
-        self._stop = stop
+        self._stops = stops
 
     def alive(self) -> bool:
         """True while every worker runs."""
@@ -859,7 +869,11 @@ class IngestPool:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Ask the workers to finish their batch and exit; terminate those that do not."""
-        self._stop.set()
+        for conn in self._stops:
+            try:
+                conn.send("stop")
+            except OSError:  # that worker is gone already (its end of the pipe closed)
+                pass
         deadline = time.monotonic() + timeout
         for p in self.processes:
             p.join(max(0.0, deadline - time.monotonic()))
@@ -868,6 +882,8 @@ class IngestPool:
                 log.warning("ingest process %s did not stop; terminating it", p.pid)
                 p.terminate()
                 p.join(5)
+        for conn in self._stops:
+            conn.close()
 
 
 def start_ingest_processes(
@@ -896,15 +912,17 @@ def start_ingest_processes(
     if count < 1:
         raise ValueError("count must be >= 1")
     ctx = multiprocessing.get_context("spawn")
-    stop = ctx.Event()
-    processes = []
+    processes, stops = [], []
     for index in range(count):
+        receive_end, send_end = ctx.Pipe(duplex=False)
         p = ctx.Process(
             target=_process_main,
-            args=(factory, os.fspath(spool_root), index, count, options, stop, log_level),
+            args=(factory, os.fspath(spool_root), index, count, options, receive_end, log_level),
             name=f"dcmflow-ingest-{index}",
             daemon=True,
         )
         p.start()
+        receive_end.close()  # the worker has its copy: the pipe ends when the parent's end closes
         processes.append(p)
-    return IngestPool(processes, stop)
+        stops.append(send_end)
+    return IngestPool(processes, stops)

@@ -223,3 +223,40 @@ def test_local_store_outage_keeps_files_and_delivers_after_recovery(env: Env) ->
     assert env.ingester().drain() == len(datasets)
     assert env.spool.count() == 0
     assert env.instance_count() == len(datasets)
+
+
+def _storage_that_never_opens(called: str) -> tuple[object, object]:
+    """A storage factory for ingest processes whose store is down: they wait and retry.
+
+    Each call leaves a file named by the worker's pid in ``called``, so the test knows the
+    workers got that far (spawned workers take seconds to import on a busy machine).
+    """
+    (Path(called) / str(os.getpid())).touch()
+    raise ConnectionError("object store unreachable (test)")
+
+
+def test_stopping_ingest_after_one_worker_was_killed_while_waiting_does_not_hang(env: Env, tmp_path: Path) -> None:
+    import functools
+
+    from receiver.ingest import start_ingest_processes
+
+    pool = start_ingest_processes(
+        functools.partial(_storage_that_never_opens, str(tmp_path)),  # type: ignore[arg-type]
+        env.spool_dir,
+        count=2,
+        options=IngestOptions(backoff_max=0.5),
+    )
+    victim, survivor = pool.processes
+    deadline = time.monotonic() + 60
+    while {str(victim.pid), str(survivor.pid)} - {f.name for f in tmp_path.iterdir()}:
+        assert time.monotonic() < deadline, "the ingest workers never tried to open storage"
+        time.sleep(0.05)
+    time.sleep(0.3)  # both are in their retry wait ("cannot open storage yet")
+    assert victim.pid is not None and pool.alive()
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.join(5)
+    t = time.monotonic()
+    pool.stop(timeout=10)
+    assert time.monotonic() - t < 5
+    assert victim.exitcode == -signal.SIGKILL
+    assert survivor.exitcode == 0  # it stopped when asked; it was not terminated
