@@ -135,8 +135,12 @@ def split(folder: Path, parts: int) -> list[Path]:
     return subs
 
 
-def send(folders: list[Path], port: int, aet: str) -> float:
-    """storescu each folder in its own association, all at once; return the wall time (all acknowledged)."""
+def send(folders: list[Path], port: int, aet: str) -> tuple[float, float]:
+    """storescu each folder in its own association, all at once.
+
+    Returns the wall time until the last storescu exits (all acknowledged) and the CPU
+    seconds the storescu processes used (user + system, from ``wait4``).
+    """
     env = {**os.environ, "TCP_NODELAY": "1"}
     t = time.perf_counter()
     procs = [
@@ -149,12 +153,34 @@ def send(folders: list[Path], port: int, aet: str) -> float:
         )
         for folder in folders
     ]
-    errors = [(p.wait(), p.stderr.read() if p.stderr else "") for p in procs]
+    cpu = 0.0
+    for p in procs:
+        _, status, usage = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        cpu += usage.ru_utime + usage.ru_stime
     elapsed = time.perf_counter() - t
-    for code, err in errors:
-        if code != 0:
-            raise RuntimeError(f"storescu to {aet} failed ({code}): {err[-2000:]}")
-    return elapsed
+    for p in procs:
+        if p.returncode != 0:
+            err = p.stderr.read() if p.stderr else ""
+            raise RuntimeError(f"storescu to {aet} failed ({p.returncode}): {err[-2000:]}")
+    return elapsed, cpu
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of ``pid`` and every descendant, live or reaped by it."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    stack = [pid]
+    while stack:
+        current = stack.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
+        except OSError:  # it just exited; its parent's cutime/cstime will hold it
+            continue
+        total += sum(int(f) for f in fields[11:15]) / tick  # utime, stime, cutime, cstime
+        stack.extend(int(c) for c in children)
+    return total
 
 
 # -- systems ---------------------------------------------------------------------------------
@@ -171,6 +197,8 @@ class Result:
     recorded_s: float | None = None
     syncs: int | None = None  # fsync, fdatasync, syncfs, msync calls of all the server's processes (--strace)
     spool_syncs_per_instance: float | None = None  # dcmflow: the spool's fdatasyncs per acknowledged instance
+    server_cpu_s: float | None = None  # CPU of the server's processes from the first send to complete
+    client_cpu_s: float | None = None  # CPU of the storescu processes
 
     @property
     def complete_s(self) -> float:
@@ -259,11 +287,11 @@ def run_dcmflow(run: Run, workers: int, processes: int | None = None) -> Result:
     cmd = [sys.executable, "-m", "dcmflow.cli.receive", "--port", str(port), "--ingest-workers", str(workers)]
     log = run.work / "dcmflow.log"
     trace = run.strace_file("dcmflow")
-    with process(cmd, env=env, cwd=REPO_ROOT, log=log, strace=trace):
+    with process(cmd, env=env, cwd=REPO_ROOT, log=log, strace=trace) as proc:
         wait_for_echo(port, "DCMFLOW")
         db = sqlite3.connect(home / "dcmflow.db", timeout=30)
-        t0 = time.perf_counter()
-        ack = send(run.folders, port, "DCMFLOW")
+        t0, cpu0 = time.perf_counter(), tree_cpu(proc.pid)
+        ack, client_cpu = send(run.folders, port, "DCMFLOW")
         while True:
             (count,) = db.execute("select count(*) from instance").fetchone()
             if count >= run.n:
@@ -272,10 +300,12 @@ def run_dcmflow(run: Run, workers: int, processes: int | None = None) -> Result:
                 raise RuntimeError(f"dcmflow recorded only {count}/{run.n}")
             time.sleep(0.01)
         recorded = time.perf_counter() - t0
+        server_cpu = tree_cpu(proc.pid) - cpu0
         db.close()
     return Result(
         "dcmflow" if processes is None else f"dcmflow p{processes}", run.dataset, run.assocs, run.n, run.size, ack,
         recorded, syncs=strace_calls(trace), spool_syncs_per_instance=spool_syncs_per_instance(log.read_text(errors="replace")),
+        server_cpu_s=server_cpu, client_cpu_s=client_cpu,
     )
 
 
@@ -287,10 +317,15 @@ def run_dcmtk(run: Run) -> Result:
     trace = run.strace_file("dcmtk")
     # --fork: one process per association, as DCMTK recommends for concurrent senders
     cmd = [STORESCP, "-aet", "DCMTK", "-od", str(out), *(["--fork"] if run.assocs > 1 else []), str(port)]
-    with process(cmd, env=env, log=run.work / "dcmtk.log", strace=trace):
+    with process(cmd, env=env, log=run.work / "dcmtk.log", strace=trace) as proc:
         wait_for_echo(port, "DCMTK")
-        ack = send(run.folders, port, "DCMTK")
-    return Result("dcmtk storescp", run.dataset, run.assocs, run.n, run.size, ack, syncs=strace_calls(trace))
+        cpu0 = tree_cpu(proc.pid)
+        ack, client_cpu = send(run.folders, port, "DCMTK")
+        server_cpu = tree_cpu(proc.pid) - cpu0
+    return Result(
+        "dcmtk storescp", run.dataset, run.assocs, run.n, run.size, ack, syncs=strace_calls(trace),
+        server_cpu_s=server_cpu, client_cpu_s=client_cpu,
+    )
 
 
 def run_orthanc(run: Run) -> Result:
@@ -317,10 +352,15 @@ def run_orthanc(run: Run) -> Result:
     # time): without it every response waits for a delayed ACK (~20 instances/s).
     env = {**os.environ, "TCP_NODELAY": "1"}
     trace = run.strace_file("orthanc")
-    with process([ORTHANC, str(root / "orthanc.json")], env=env, log=run.work / "orthanc.log", strace=trace):
+    with process([ORTHANC, str(root / "orthanc.json")], env=env, log=run.work / "orthanc.log", strace=trace) as proc:
         wait_for_echo(port, "ORTHANC")
-        ack = send(run.folders, port, "ORTHANC")
-    return Result("orthanc", run.dataset, run.assocs, run.n, run.size, ack, syncs=strace_calls(trace))
+        cpu0 = tree_cpu(proc.pid)
+        ack, client_cpu = send(run.folders, port, "ORTHANC")
+        server_cpu = tree_cpu(proc.pid) - cpu0
+    return Result(
+        "orthanc", run.dataset, run.assocs, run.n, run.size, ack, syncs=strace_calls(trace),
+        server_cpu_s=server_cpu, client_cpu_s=client_cpu,
+    )
 
 
 def run_pynetdicom(run: Run) -> Result:
@@ -329,10 +369,15 @@ def run_pynetdicom(run: Run) -> Result:
     out.mkdir()
     cmd = [sys.executable, "-m", "pynetdicom", "storescp", str(port), "-od", str(out), "-aet", "PYNETDICOM"]
     trace = run.strace_file("pynetdicom")
-    with process(cmd, log=run.work / "pynetdicom.log", strace=trace):
+    with process(cmd, log=run.work / "pynetdicom.log", strace=trace) as proc:
         wait_for_echo(port, "PYNETDICOM")
-        ack = send(run.folders, port, "PYNETDICOM")
-    return Result("pynetdicom storescp", run.dataset, run.assocs, run.n, run.size, ack, syncs=strace_calls(trace))
+        cpu0 = tree_cpu(proc.pid)
+        ack, client_cpu = send(run.folders, port, "PYNETDICOM")
+        server_cpu = tree_cpu(proc.pid) - cpu0
+    return Result(
+        "pynetdicom storescp", run.dataset, run.assocs, run.n, run.size, ack, syncs=strace_calls(trace),
+        server_cpu_s=server_cpu, client_cpu_s=client_cpu,
+    )
 
 
 # -- main ------------------------------------------------------------------------------------
@@ -357,6 +402,8 @@ def medians(results: list[Result]) -> list[tuple[Result, list[Result]]]:
             recorded_s=median([r.recorded_s for r in runs]),
             syncs=None if first.syncs is None else round(median([r.syncs for r in runs]) or 0),
             spool_syncs_per_instance=median([r.spool_syncs_per_instance for r in runs]),
+            server_cpu_s=median([r.server_cpu_s for r in runs]),
+            client_cpu_s=median([r.client_cpu_s for r in runs]),
         )
         out.append((med, runs))
     return out
@@ -365,16 +412,19 @@ def medians(results: list[Result]) -> list[tuple[Result, list[Result]]]:
 def table(results: list[Result]) -> str:
     lines = [
         f"{'system':<20} {'dataset':<11} {'assocs':>6} {'n':>5} {'ack inst/s':>10} {'ack MB/s':>9} "
-        f"{'complete inst/s':>15} {'last ack→record':>15} {'spool syncs/inst':>16} {'flushes/inst (strace)':>21}  ack inst/s of each run",
+        f"{'complete inst/s':>15} {'last ack→record':>15} {'spool syncs/inst':>16} {'flushes/inst (strace)':>21} "
+        f"{'server CPU ms/inst':>18} {'storescu CPU ms/inst':>20}  ack inst/s of each run",
     ]
     for r, runs in medians(results):
         gap = f"{r.recorded_s - r.ack_s:.2f} s" if r.recorded_s is not None else "-"
         spool = f"{r.spool_syncs_per_instance:.2f}" if r.spool_syncs_per_instance is not None else "-"
         traced = f"{r.syncs / r.n:.2f}" if r.syncs is not None else "-"
         each = " / ".join(f"{x.n / x.ack_s:.0f}" for x in runs) if len(runs) > 1 else ""
+        server = f"{r.server_cpu_s / r.n * 1000:.2f}" if r.server_cpu_s is not None else "-"
+        client = f"{r.client_cpu_s / r.n * 1000:.2f}" if r.client_cpu_s is not None else "-"
         lines.append(
             f"{r.system:<20} {r.dataset:<11} {r.assocs:>6} {r.n:>5} {r.n / r.ack_s:>10.0f} {r.size / 1e6 / r.ack_s:>9.1f} "
-            f"{r.n / r.complete_s:>15.0f} {gap:>15} {spool:>16} {traced:>21}  {each}"
+            f"{r.n / r.complete_s:>15.0f} {gap:>15} {spool:>16} {traced:>21} {server:>18} {client:>20}  {each}"
         )
     return "\n".join(lines)
 
