@@ -119,13 +119,23 @@ def postgres_url() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """A real Prefect server (subprocess, own SQLite database) shared by the session."""
-    from tests.prefect_server import start_prefect_server
+    from tests.prefect_server import snapshot_database, start_prefect_server
 
     server = start_prefect_server(tmp_path_factory.mktemp("prefect-home"))
     try:
+        # before any test writes to it: the migrated, empty database (migrated_prefect_db)
+        server.empty_db = snapshot_database(server, tmp_path_factory.mktemp("prefect-template") / "prefect.db")
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def migrated_prefect_db(prefect_server) -> Path:  # type: ignore[no-untyped-def]
+    """A migrated Prefect SQLite database no test has written to (a copy of the session server's,
+    taken at its start), to seed a ``dcmflow up`` home whose test is not about a fresh home."""
+    assert prefect_server.empty_db is not None
+    return Path(prefect_server.empty_db)
 
 
 @pytest.fixture

@@ -126,8 +126,11 @@ def state_time(run: dict[str, Any]) -> float:
     return datetime.fromisoformat(run["state"]["timestamp"]).timestamp()
 
 
-def test_a_killed_worker_s_series_runs_again_and_is_processed_once(tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_a_killed_worker_s_series_runs_again_and_is_processed_once(
+    tmp_path_factory: pytest.TempPathFactory, migrated_prefect_db: Path
+) -> None:
     up = make_up(tmp_path_factory.mktemp("death"), "home", install=False)
+    up.seed_prefect_db(migrated_prefect_db)
     up.extra_env["DCMFLOW_WORK_POOL"] = "death-pool"
     began = time.monotonic()
     install_service(up)
