@@ -39,6 +39,21 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_ENABLED", "false")
 
 
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Start mypy in the background when its test is selected (see tests/test_types.py)."""
+    if any(item.name == "test_mypy_is_clean" and item.path.name == "test_types.py" for item in items):
+        from tests.test_types import start_mypy
+
+        start_mypy()
+
+
+def pytest_sessionfinish() -> None:
+    from tests.test_types import stop_mypy
+
+    stop_mypy()
+
+
 @pytest.fixture(autouse=True)
 def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test starts with no DCMFLOW_* variable set (as httpx's ``clean_environ``)."""
