@@ -91,6 +91,7 @@ class ReceivingSpec:
 
 def _serve(spec: ReceivingSpec, conn: Any) -> None:
     """Entry point of a receiving process."""
+    from receiver._tuning import set_pydicom_uid_validation
     from receiver.associations import AssociationTracker, CallerPolicy, PeerEntry, RepositoryFacts
     from receiver.scp import start_scp
     from receiver.spool import Spool
@@ -99,6 +100,9 @@ def _serve(spec: ReceivingSpec, conn: Any) -> None:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us through the pipe
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # A process-wide pydicom setting, so only here, where the process is the SCP alone:
+    # pynetdicom checks association UIDs itself (receiver._tuning).
+    set_pydicom_uid_validation(False)
     parent = os.getppid()
     spool = Spool(
         spec.spool_dir,

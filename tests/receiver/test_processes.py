@@ -158,3 +158,19 @@ def test_a_receiving_process_that_keeps_dying_stops_the_receiver_loudly(
     finally:
         running.stop()
         reservation.close()
+
+
+def test_a_receiving_process_still_refuses_invalid_uids(env: Env, receiver: Receiver) -> None:
+    # Receiving processes turn pydicom's (warning-only) UID validation off; the SCP's own checks
+    # of the data set's UIDs must answer as before.
+    good, bad = make_small_series(2, seed=93)
+    bad.StudyInstanceUID = "1.2.abc"
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(MRImageStorage)
+    assoc = ae.associate("127.0.0.1", receiver.port, ae_title=AE_TITLE)
+    assert assoc.is_established
+    assert assoc.send_c_store(bad).Status == status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+    assert assoc.send_c_store(good).Status == status.SUCCESS
+    assoc.release()
+    _wait_recorded(env, 1)
+    assert _recorded(env, [good]) == [good.SOPInstanceUID]
