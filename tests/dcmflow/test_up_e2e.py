@@ -128,6 +128,11 @@ class Up:
             PREFECT_SERVER_ANALYTICS_ENABLED="false",
             DO_NOT_TRACK="1",
             TCP_NODELAY="1",
+            # Prefect server settings for the tests (the server up starts inherits them): zombie
+            # runs are looked for every second, not every 5 s, and events are stored each second,
+            # not every 5 s, so what the tests wait for is there sooner. Behaviour is unchanged.
+            PREFECT_SERVER_EVENTS_PROACTIVE_GRANULARITY="PT1S",
+            PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL="1",
         )
         env.update(self.extra_env)
         return env
