@@ -59,6 +59,7 @@ from receiver.spool_log import (
     RecordHeader,
     aligned,
     decode_header,
+    decode_position,
     encode_header,
     encode_position,
     header_length,
@@ -498,6 +499,7 @@ class Spool:
         self._syncing = False
         self._head: Position | None = None
         self._head_fd: int | None = None
+        self._head_view_fd: int | None = None  # readers' (ingest's) open head file, read with pread
         self._last_end: dict[str, Position] = {}
         self._size_hints: dict[str, int] = {}
         self._keeper: threading.Thread | None = None
@@ -546,6 +548,9 @@ class Spool:
             if self._head_fd is not None:
                 os.close(self._head_fd)
                 self._head_fd = None
+            if self._head_view_fd is not None:
+                os.close(self._head_view_fd)
+                self._head_view_fd = None
         for segment in segments:
             os.close(segment.fd)
         if self._lock_fd is not None:
@@ -1024,7 +1029,14 @@ class Spool:
         """How far the log is resolved: readers never read a record that starts at or after it."""
         if self._head is not None and self._started:
             return self._head
-        found = read_position_file(self.head_path)
+        # Readers poll this many times a second: keep the file open (the writer rewrites it in
+        # place, never replaces it) instead of opening and reading it through pathlib each time.
+        if self._head_view_fd is None:
+            try:
+                self._head_view_fd = os.open(self.head_path, os.O_RDONLY)
+            except FileNotFoundError:
+                return None
+        found = decode_position(os.pread(self._head_view_fd, 64, 0))
         return found[0] if found is not None else None
 
     def _read_marks(self) -> _Marks:
