@@ -164,7 +164,8 @@ def test_a_receiving_process_still_refuses_invalid_uids(env: Env, receiver: Rece
     # Receiving processes turn pydicom's (warning-only) UID validation off; the SCP's own checks
     # of the data set's UIDs must answer as before.
     good, bad = make_small_series(2, seed=93)
-    bad.StudyInstanceUID = "1.2.abc"
+    with pytest.warns(UserWarning, match="Invalid value for VR UI"):  # pydicom, in this process
+        bad.StudyInstanceUID = "1.2.abc"
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(MRImageStorage)
     assoc = ae.associate("127.0.0.1", receiver.port, ae_title=AE_TITLE)
