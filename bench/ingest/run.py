@@ -309,23 +309,28 @@ def run_dcmflow(run: Run, workers: int, processes: int | None = None) -> Result:
     )
 
 
+def run_peer(name: str, run: Run, cmd: list[str], *, port: int, aet: str, env: dict[str, str] | None = None) -> Result:
+    """Start a peer server, send the run's folders to it once, and measure (see :class:`Result`)."""
+    trace = run.strace_file(aet.lower())
+    with process(cmd, env=env, log=run.work / f"{aet.lower()}.log", strace=trace) as proc:
+        wait_for_echo(port, aet)
+        cpu0 = tree_cpu(proc.pid)
+        ack, client_cpu = send(run.folders, port, aet)
+        server_cpu = tree_cpu(proc.pid) - cpu0
+    return Result(
+        name, run.dataset, run.assocs, run.n, run.size, ack, syncs=strace_calls(trace),  # strace wrote it at exit
+        server_cpu_s=server_cpu, client_cpu_s=client_cpu,
+    )
+
+
 def run_dcmtk(run: Run) -> Result:
     port = free_port()
     out = run.work / "dcmtk"
     out.mkdir()
     env = {**os.environ, "TCP_NODELAY": "1"}
-    trace = run.strace_file("dcmtk")
     # --fork: one process per association, as DCMTK recommends for concurrent senders
     cmd = [STORESCP, "-aet", "DCMTK", "-od", str(out), *(["--fork"] if run.assocs > 1 else []), str(port)]
-    with process(cmd, env=env, log=run.work / "dcmtk.log", strace=trace) as proc:
-        wait_for_echo(port, "DCMTK")
-        cpu0 = tree_cpu(proc.pid)
-        ack, client_cpu = send(run.folders, port, "DCMTK")
-        server_cpu = tree_cpu(proc.pid) - cpu0
-    return Result(
-        "dcmtk storescp", run.dataset, run.assocs, run.n, run.size, ack, syncs=strace_calls(trace),
-        server_cpu_s=server_cpu, client_cpu_s=client_cpu,
-    )
+    return run_peer("dcmtk storescp", run, cmd, port=port, aet="DCMTK", env=env)
 
 
 def run_orthanc(run: Run) -> Result:
@@ -351,16 +356,7 @@ def run_orthanc(run: Run) -> Result:
     # the environment (storage_perf.md §3.7; upstream Orthanc builds disable it at compile
     # time): without it every response waits for a delayed ACK (~20 instances/s).
     env = {**os.environ, "TCP_NODELAY": "1"}
-    trace = run.strace_file("orthanc")
-    with process([ORTHANC, str(root / "orthanc.json")], env=env, log=run.work / "orthanc.log", strace=trace) as proc:
-        wait_for_echo(port, "ORTHANC")
-        cpu0 = tree_cpu(proc.pid)
-        ack, client_cpu = send(run.folders, port, "ORTHANC")
-        server_cpu = tree_cpu(proc.pid) - cpu0
-    return Result(
-        "orthanc", run.dataset, run.assocs, run.n, run.size, ack, syncs=strace_calls(trace),
-        server_cpu_s=server_cpu, client_cpu_s=client_cpu,
-    )
+    return run_peer("orthanc", run, [ORTHANC, str(root / "orthanc.json")], port=port, aet="ORTHANC", env=env)
 
 
 def run_pynetdicom(run: Run) -> Result:
@@ -368,16 +364,7 @@ def run_pynetdicom(run: Run) -> Result:
     out = run.work / "pynetdicom"
     out.mkdir()
     cmd = [sys.executable, "-m", "pynetdicom", "storescp", str(port), "-od", str(out), "-aet", "PYNETDICOM"]
-    trace = run.strace_file("pynetdicom")
-    with process(cmd, log=run.work / "pynetdicom.log", strace=trace) as proc:
-        wait_for_echo(port, "PYNETDICOM")
-        cpu0 = tree_cpu(proc.pid)
-        ack, client_cpu = send(run.folders, port, "PYNETDICOM")
-        server_cpu = tree_cpu(proc.pid) - cpu0
-    return Result(
-        "pynetdicom storescp", run.dataset, run.assocs, run.n, run.size, ack, syncs=strace_calls(trace),
-        server_cpu_s=server_cpu, client_cpu_s=client_cpu,
-    )
+    return run_peer("pynetdicom storescp", run, cmd, port=port, aet="PYNETDICOM")
 
 
 # -- main ------------------------------------------------------------------------------------
