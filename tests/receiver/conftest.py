@@ -10,10 +10,12 @@ import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom.dataset import Dataset
 
+from receiver import status
 from receiver.associations import AssociationTracker, CallerPolicy
 from receiver.ingest import Ingester
 from receiver.scp import ScpConfig, start_scp
@@ -117,6 +119,18 @@ def spooled(spool: Spool) -> list[tuple[SpoolEntry, bytes]]:
         return reader.read(1_000_000)
     finally:
         reader.close()
+
+
+def store_acknowledged(assoc: Any, ds: Dataset) -> bool | None:
+    """Send one C-STORE on a pynetdicom association: True if answered Success, False for any
+    other status, None if the association broke (what a sender saw acknowledged stops there)."""
+    try:
+        rsp = assoc.send_c_store(ds)
+    except Exception:
+        return None
+    if not assoc.is_established or "Status" not in rsp:
+        return None
+    return bool(rsp.Status == status.SUCCESS)
 
 
 def write_series(folder: Path, datasets: list[Dataset]) -> list[Path]:

@@ -21,7 +21,7 @@ from receiver.spool import Spool
 from receiver.spool_log import Position
 from receiver.spools import spool_root, total_depth
 from tests.factories import make_small_series
-from tests.receiver.conftest import AE_TITLE, TEST_SEGMENT_SIZE, Env
+from tests.receiver.conftest import AE_TITLE, TEST_SEGMENT_SIZE, Env, store_acknowledged
 
 
 @pytest.fixture
@@ -52,13 +52,10 @@ def _send(port: int, datasets: list[Dataset], acknowledged: list[str], pause: fl
     if not assoc.is_established:
         return
     for ds in datasets:
-        try:
-            rsp = assoc.send_c_store(ds)
-        except Exception:
+        ok = store_acknowledged(assoc, ds)
+        if ok is None:
             break
-        if not assoc.is_established or "Status" not in rsp:
-            break
-        if rsp.Status == status.SUCCESS:
+        if ok:
             acknowledged.append(ds.SOPInstanceUID)
         time.sleep(pause)
     if assoc.is_established:

@@ -22,7 +22,7 @@ from receiver.scp import ScpConfig, start_scp
 from storage.keys import instance_key
 from storage.s3 import S3ObjectStore
 from tests.factories import make_small_series
-from tests.receiver.conftest import AE_TITLE, Env, free_port
+from tests.receiver.conftest import AE_TITLE, Env, free_port, store_acknowledged
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -88,13 +88,10 @@ def test_sigkill_mid_study_then_restart_loses_nothing_acknowledged(env: Env) -> 
             if i == 150:
                 killer = threading.Timer(0.05, receiver.kill)  # SIGKILL while C-STOREs are in flight
                 killer.start()
-            try:
-                rsp = assoc.send_c_store(ds)
-            except Exception:
+            ok = store_acknowledged(assoc, ds)
+            if ok is None:
                 break
-            if not assoc.is_established or "Status" not in rsp:
-                break
-            if rsp.Status == status.SUCCESS:
+            if ok:
                 acknowledged.append(ds.SOPInstanceUID)
         killer.join()
         assoc.abort()
